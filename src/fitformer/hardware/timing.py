@@ -1,0 +1,59 @@
+"""Wall-clock latency measurement: warm-up, repetitions, trimmed mean and spread.
+
+The one way fitformer times anything on the host; the profiler and every benchmark use it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Timing:
+    """Latency statistics in milliseconds over ``repeats`` timed calls."""
+
+    mean_ms: float  # trimmed mean (the fastest and slowest 10% dropped)
+    median_ms: float
+    std_ms: float
+    min_ms: float
+    repeats: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def measure(
+    fn: Callable[[], object],
+    warmup: int = 3,
+    repeats: int = 20,
+    min_seconds: float = 0.0,
+    max_seconds: float = 30.0,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls (more until
+    ``min_seconds`` have passed, fewer if ``max_seconds`` runs out after three)."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        elapsed = time.perf_counter() - start
+        if len(samples) >= repeats and elapsed >= min_seconds:
+            break
+        if len(samples) >= 3 and elapsed >= max_seconds:
+            break
+    ordered = sorted(samples)
+    cut = len(ordered) // 10
+    kept = ordered[cut : len(ordered) - cut] or ordered
+    return Timing(
+        mean_ms=statistics.fmean(kept),
+        median_ms=statistics.median(ordered),
+        std_ms=statistics.pstdev(kept) if len(kept) > 1 else 0.0,
+        min_ms=ordered[0],
+        repeats=len(samples),
+    )
