@@ -13,6 +13,9 @@ from .plan import (
     register_plan,
     resolve_layers,
 )
+from . import subnet  # noqa: F401  (registers plan kind "subnet")
+from . import prune  # noqa: F401  (registers plan kinds "structured_prune", "balanced_sparsity")
+from .tt import LowRankPlan, TTEmbeddingPlan, TTPlan, tt_plan_for_model  # noqa: F401  (kinds tt, low_rank, tt_embedding)
 
 __all__ = [
     "PLAN_TYPES",

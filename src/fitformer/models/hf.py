@@ -38,6 +38,10 @@ def load_classifier(
     fitformer-saved classifier keeps its head (and its label names).
     """
     model_dir = resolve_model_dir(model)
+    if read_meta(model_dir).get("subnet"):  # per-layer sizes differ: from_pretrained cannot rebuild it
+        from .elastic import load_subnet
+
+        return load_subnet(model_dir)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels

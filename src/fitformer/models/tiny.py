@@ -42,8 +42,7 @@ def make_tiny_bert_dir(
     for word in sorted({w for text in words for w in re.findall(r"[a-z]+", text.lower())}):
         if word not in vocab:
             vocab.append(word)
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     torch.manual_seed(seed)
     config = tiny_bert_config(vocab_size=len(vocab), **config_overrides)
     BertForSequenceClassification(config).bert.save_pretrained(str(out), safe_serialization=True)

@@ -66,20 +66,22 @@ class FinetuneResult:
         return asdict(self)
 
 
-def _save_last(out: Path, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Write the resumable checkpoint: weights (safetensors), optimizer/scheduler, counters. Atomic per file;
-    ``state.json`` is written last and names the step, so a crash between files is detected on resume."""
+def save_checkpoint(out: Path, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
+    """Write the resumable checkpoint ``out/last``: weights (safetensors), optimizer/scheduler (``scheduler`` may
+    be None), counters. Atomic per file; ``state.json`` is written last and names the step, so a crash between
+    files is detected on resume. Shared with distillation."""
     last = out / "last"
     last.mkdir(parents=True, exist_ok=True)
     with atomic_path(last / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     with atomic_path(last / "optim.pt") as tmp:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "step": state["global_step"]}, tmp)
     write_json_atomic(last / "state.json", state)
 
 
-def _load_last(out: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any] | None:
+def load_checkpoint(out: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any] | None:
     """Restore the resumable checkpoint if it is complete and consistent; otherwise start over."""
     last = out / "last"
     try:
@@ -89,7 +91,8 @@ def _load_last(out: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[
             return None
         model.load_state_dict(load_file(str(last / "model.safetensors")))
         optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(extra["scheduler"])
         return state
     except (FileNotFoundError, KeyError, RuntimeError, ValueError, json.JSONDecodeError):
         return None
@@ -132,7 +135,7 @@ def finetune(
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
-    state = _load_last(out, model, optimizer, scheduler) or {
+    state = load_checkpoint(out, model, optimizer, scheduler) or {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_accuracy": -1.0, "best_epoch": -1,
         "history": [], "seconds": 0.0,
     }
@@ -165,7 +168,7 @@ def finetune(
                 bar.update(task, advance=1, rate=f"{rate:.0f} ex/s loss {loss.item():.3f}")
                 if state["global_step"] % config.checkpoint_every_steps == 0:
                     state["seconds"] = time.perf_counter() - started
-                    _save_last(out, model, optimizer, scheduler, state)
+                    save_checkpoint(out, model, optimizer, scheduler, state)
             result = evaluate(model, validation, label_names)
             state["history"].append({"epoch": epoch + 1, "validation_accuracy": result.accuracy,
                                      "validation_macro_f1": result.macro_f1})
@@ -178,7 +181,7 @@ def finetune(
                 })
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             state["seconds"] = time.perf_counter() - started
-            _save_last(out, model, optimizer, scheduler, state)
+            save_checkpoint(out, model, optimizer, scheduler, state)
     final = FinetuneResult(
         best_dir=str(out / "best"), best_epoch=state["best_epoch"], validation_accuracy=state["best_accuracy"],
         train_examples=len(train), seconds=state["seconds"], history=state["history"],

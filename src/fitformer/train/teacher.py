@@ -15,6 +15,7 @@ import torch
 from ..data import EncodedDataset, Splits, TextDataset, encode, load_task, split_dataset
 from ..io import cache_root, file_lock, sha256_file, sha256_json
 from ..models import load_classifier, resolve_model_dir
+from ..utils import seed_everything
 from .evaluate import EvalResult, evaluate
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 
@@ -92,6 +93,7 @@ def _fit_or_load(
         result = finetune(None, None, None, None, [], config, out)  # type: ignore[arg-type]  # cache hit
         net, tokenizer = load_classifier(result.best_dir)
         return Teacher(net, tokenizer, splits, config, result)
+    seed_everything(config.seed)  # the new classification head is initialised from the seed
     net, tokenizer = load_classifier(model_dir, num_labels=dataset.num_labels, label_names=dataset.label_names)
     train = encode(tokenizer, splits.train, config.max_length)
     validation = encode(tokenizer, splits.validation, config.max_length)

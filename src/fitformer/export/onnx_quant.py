@@ -1,0 +1,337 @@
+"""ONNX export of frozen quantized classifiers with integer operators, and onnxruntime sessions to run them.
+
+The frozen model is first exported in float (every quantized weight replaced by its dequantized value);
+the graph is then rewritten so each quantized layer runs on its integer codes with the learned step sizes:
+
+- ``fmt="integer"``: ``QuantizeLinear(x) -> MatMulInteger(x_q, W_q) -> Cast -> Mul(s_x * s_w)`` (+ bias).
+  onnxruntime fuses this into ``MatMulIntegerToFloat``, a u8 x s8 GEMM (VNNI where the CPU has it).
+- ``fmt="qdq"``: ``QuantizeLinear -> DequantizeLinear`` on the input and ``DequantizeLinear`` on the int8
+  weight around a float ``MatMul`` — the QDQ form that onnxruntime's graph optimiser may turn into
+  integer kernels itself.
+- embeddings gather int8 rows and dequantize only those rows.
+
+Quantized layers are found in the float graph by the exact bytes of their dequantized weight (as it is or
+transposed), so the rewrite does not depend on the exporter's names.
+
+Tolerance: the integer path computes ``(sum q_x q_w) * (s_x s_w)`` while PyTorch computes
+``sum (q_x s_x)(q_w s_w)`` in float, so logits differ by float rounding, and an activation that lands on
+a rounding boundary can move by one step; :func:`compare_with_torch` reports the gap (the tests hold the
+tiny model to max |logit difference| <= 1e-2 and identical predictions).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from ..data.tokenize import EncodedDataset
+from ..errors import UserError
+from ..io import atomic_path
+from ..layers.quant import QuantEmbedding, QuantLinear, QuantModule, _QuantTT
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OPSET = 17
+FORMATS = ("integer", "qdq")
+
+
+class _Logits(nn.Module):
+    """Positional (input_ids, attention_mask, token_type_ids) -> logits, for the exporter."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike[str], seq_len: int = 16) -> Path:
+    """Export a float Hugging Face classifier to ONNX (dynamic batch and sequence axes), atomically."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2))
+    ids = torch.randint(0, vocab, (2, seq_len))
+    example = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    axes["logits"] = {0: "batch"}
+    was_training = model.training
+    model.eval()
+    try:
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Logits(model), example, str(tmp), input_names=list(INPUT_NAMES),
+                              output_names=["logits"], dynamic_axes=axes, opset_version=OPSET,
+                              do_constant_folding=True, dynamo=False)
+    finally:
+        model.train(was_training)
+    return Path(path)
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+@torch.no_grad()
+def dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, QuantModule, bool]]]:
+    """A float copy of a frozen model, and {digest of a dequantized weight: (name, layer, transposed)}."""
+    out = copy.deepcopy(model)
+    table: dict[str, tuple[str, QuantModule, bool]] = {}
+    for name, m in list(out.named_modules()):
+        if not isinstance(m, QuantModule):
+            continue
+        if not m.frozen:
+            raise UserError("ONNX export needs a frozen model; call freeze(model) first")
+        if isinstance(m, _QuantTT):
+            continue  # exported by its own forward: dequantized cores, intermediates as float QDQ arithmetic
+        w = m.quantized_weight().detach().float()
+        if isinstance(m, QuantLinear):
+            plain: nn.Module = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            if m.bias is not None:
+                plain.bias.copy_(m.bias)
+            table[_digest(w.numpy().T)] = (name, m, True)
+        elif isinstance(m, QuantEmbedding):
+            plain = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
+        else:
+            raise UserError(f"layer '{name}' ({type(m).__name__}) has no ONNX integer export; keep it in float")
+        plain.weight.copy_(w)
+        table[_digest(w.numpy())] = (name, m, False)
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, child, plain)
+    return out, table
+
+
+class _Rewriter:
+    """Collects the nodes and initializers that replace the float ones."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.new_inits: list[TensorProto] = []
+        self.count = 0
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        self.count += 1
+        name = f"{base}__{self.count}"
+        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def tmp(self, base: str) -> str:
+        self.count += 1
+        return f"{base}__t{self.count}"
+
+
+def _codes(m: QuantModule) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Integer codes, step sizes and integer zero points (or None) of a frozen layer's weight."""
+    wq = m.weight_quant
+    codes = m.weight_int.numpy()
+    scale = wq.scale.detach().float().numpy()
+    zero = None if wq.zero_point is None else np.round(wq.zero_point.detach().numpy()).astype(codes.dtype)
+    return codes, scale, zero
+
+
+def _act_params(m: QuantLinear) -> tuple[np.ndarray, np.ndarray]:
+    q = m.input_quant
+    assert q is not None
+    if q.bits != 8:
+        raise UserError(f"ONNX integer export runs 8-bit activations, this layer has {q.bits}; use act_bits=8")
+    scale = np.asarray(float(q.scale.detach()), dtype=np.float32)
+    if q.symmetric:
+        return scale, np.asarray(0, dtype=np.int8)
+    return scale, np.asarray(int(torch.round(q.zero_point.detach())), dtype=np.uint8)
+
+
+def _rewrite_linear(rw: _Rewriter, node: onnx.NodeProto, m: QuantLinear, fmt: str, bias: str | None) -> list:
+    """Nodes computing ``node``'s output from integer codes (weight laid out K x N)."""
+    codes, scale, zero = _codes(m)
+    w_kn = codes.T.copy()  # (in, out)
+    w_scale = scale.reshape(-1).astype(np.float32)  # (out,) or (1,)
+    w_zero = None if zero is None else zero.reshape(-1)
+    a_in, out = node.input[0], node.output[0]
+    nodes = []
+    y = rw.tmp(out) if bias else out
+    w_name = rw.const(f"{m.__class__.__name__}_w", w_kn)
+    if m.input_quant is None or fmt == "qdq":
+        axis_args = {"axis": 1} if w_scale.size > 1 else {}
+        scale_arg = w_scale if w_scale.size > 1 else w_scale.reshape(())
+        dq_inputs = [w_name, rw.const("w_scale", scale_arg)]
+        if w_zero is not None:
+            dq_inputs.append(rw.const("w_zero", w_zero if w_zero.size > 1 else w_zero.reshape(())))
+        wd = rw.tmp("w_dq")
+        nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [wd], **axis_args))
+        x = a_in
+        if m.input_quant is not None:
+            a_scale, a_zero = _act_params(m)
+            s, z = rw.const("a_scale", a_scale), rw.const("a_zero", a_zero)
+            xq, x = rw.tmp("x_q"), rw.tmp("x_dq")
+            nodes += [helper.make_node("QuantizeLinear", [a_in, s, z], [xq]),
+                      helper.make_node("DequantizeLinear", [xq, s, z], [x])]
+        nodes.append(helper.make_node("MatMul", [x, wd], [y]))
+    else:
+        a_scale, a_zero = _act_params(m)
+        s, z = rw.const("a_scale", a_scale), rw.const("a_zero", a_zero)
+        xq, yi, yf = rw.tmp("x_q"), rw.tmp("y_int"), rw.tmp("y_float")
+        mm_inputs = [xq, w_name, z]
+        if w_zero is not None:
+            mm_inputs.append(rw.const("w_zero", w_zero if w_zero.size > 1 else w_zero.reshape(())))
+        combined = (a_scale * w_scale).astype(np.float32)
+        nodes += [helper.make_node("QuantizeLinear", [a_in, s, z], [xq]),
+                  helper.make_node("MatMulInteger", mm_inputs, [yi]),
+                  helper.make_node("Cast", [yi], [yf], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [yf, rw.const("xw_scale", combined)], [y])]
+    if bias:
+        nodes.append(helper.make_node("Add", [y, bias], [out]))
+    return nodes
+
+
+def _rewrite_embedding(rw: _Rewriter, node: onnx.NodeProto, m: QuantEmbedding) -> list:
+    codes, scale, zero = _codes(m)
+    ids, out = node.input[1], node.output[0]
+    rows, rows_f = rw.tmp("rows_q"), rw.tmp("rows_f")
+    nodes = [helper.make_node("Gather", [rw.const("table_q", codes), ids], [rows]),
+             helper.make_node("Cast", [rows], [rows_f], to=TensorProto.FLOAT)]
+    per_row = m.weight_quant.per_channel
+
+    def lookup(base: str, array: np.ndarray) -> str:
+        if not per_row:
+            return rw.const(base, array.reshape(()).astype(np.float32))
+        name = rw.tmp(base)
+        nodes.append(helper.make_node("Gather", [rw.const(base, array.astype(np.float32)), ids], [name]))
+        return name
+
+    value = rows_f
+    if zero is not None:
+        centred = rw.tmp("rows_c")
+        nodes.append(helper.make_node("Sub", [rows_f, lookup("row_zero", zero)], [centred]))
+        value = centred
+    nodes.append(helper.make_node("Mul", [value, lookup("row_scale", scale)], [out]))
+    return nodes
+
+
+def rewrite_quantized(model_proto: onnx.ModelProto, table: dict[str, tuple[str, QuantModule, bool]],
+                      fmt: str) -> tuple[onnx.ModelProto, list[str]]:
+    """Replace float MatMul/Gemm/Gather nodes of quantized layers by integer ones; returns the layers done."""
+    graph = model_proto.graph
+    rw = _Rewriter(graph)
+    new_nodes: list[onnx.NodeProto] = []
+    done: list[str] = []
+    digests: dict[str, str] = {}
+
+    # The exporter shares equal initializers through Identity nodes; follow them.
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in rw.inits}
+
+    def match(name: str) -> tuple[str, QuantModule, bool] | None:
+        name = aliases.get(name, name)
+        if name not in rw.inits:
+            return None
+        if name not in digests:
+            digests[name] = _digest(numpy_helper.to_array(rw.inits[name]))
+        return table.get(digests[name])
+
+    for node in graph.node:
+        weight = node.input[0] if node.op_type == "Gather" else node.input[1] if len(node.input) > 1 else ""
+        hit = match(weight)
+        if node.op_type == "MatMul" and hit and isinstance(hit[1], QuantLinear) and hit[2]:
+            new_nodes += _rewrite_linear(rw, node, hit[1], fmt, None)
+        elif node.op_type == "Gemm" and hit and isinstance(hit[1], QuantLinear) and _plain_gemm(node, hit[2]):
+            new_nodes += _rewrite_linear(rw, node, hit[1], fmt, node.input[2] if len(node.input) > 2 else None)
+        elif node.op_type == "Gather" and hit and isinstance(hit[1], QuantEmbedding) and not hit[2] \
+                and _axis(node) == 0:
+            new_nodes += _rewrite_embedding(rw, node, hit[1])
+        else:
+            new_nodes.append(node)
+            continue
+        done.append(hit[0])
+    used = {i for n in new_nodes for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + rw.new_inits)
+    return model_proto, done
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
+def _plain_gemm(node: onnx.NodeProto, transposed_weight: bool) -> bool:
+    """A Gemm y = A W^T + C with alpha = beta = 1 and no transposed A (what a Linear exports to)."""
+    attrs = {a.name: (a.f if a.type == onnx.AttributeProto.FLOAT else a.i) for a in node.attribute}
+    trans_b = attrs.get("transB", 0)
+    return (attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+            and trans_b == (0 if transposed_weight else 1))
+
+
+def export_quantized_onnx(model: nn.Module, path: str | os.PathLike[str], fmt: str = "integer") -> dict[str, Any]:
+    """Export a frozen quantized classifier to ONNX with integer operators; returns what was rewritten."""
+    if fmt not in FORMATS:
+        raise UserError(f"ONNX quantized format '{fmt}': use one of {', '.join(FORMATS)}")
+    float_model, table = dequantized_copy(model)
+    target = Path(path)
+    float_path = target.with_name(target.stem + ".float.onnx")
+    export_onnx(float_model, float_path)
+    try:
+        proto, done = rewrite_quantized(onnx.load(str(float_path)), table, fmt)
+    finally:
+        float_path.unlink(missing_ok=True)
+    expected = {name for name, _, _ in table.values()}
+    missing = sorted(expected - set(done))
+    if missing:
+        raise UserError(f"ONNX export could not place quantized layer(s) {missing[:3]}; keep them in float")
+    onnx.checker.check_model(proto)
+    with atomic_path(target) as tmp:
+        onnx.save(proto, str(tmp))
+    return {"path": str(target), "format": fmt, "layers": len(set(done)), "size_bytes": target.stat().st_size}
+
+
+def ort_session(path: str | os.PathLike[str], threads: int = 2):
+    """An onnxruntime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(session, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """Logits of an onnxruntime session for one batch of model inputs."""
+    feeds = {name: batch[name].cpu().numpy().astype(np.int64) for name in INPUT_NAMES}
+    return session.run(["logits"], feeds)[0]
+
+
+def ort_predict(session, data: EncodedDataset, batch_size: int = 64) -> torch.Tensor:
+    """Logits for every row of ``data``, in order."""
+    return torch.cat([torch.from_numpy(ort_logits(session, b)) for b in data.batches(batch_size)])
+
+
+@torch.no_grad()
+def compare_with_torch(model: nn.Module, session, batches) -> dict[str, float]:
+    """Max and mean |logit difference| and the share of equal predictions between PyTorch and onnxruntime."""
+    model.eval()
+    diffs, agree, total = [], 0, 0
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        ref = model(**inputs)
+        ref = (ref.logits if hasattr(ref, "logits") else ref).float().numpy()
+        got = ort_logits(session, inputs)
+        diffs.append(np.abs(ref - got).reshape(-1))
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        total += ref.shape[0]
+    d = np.concatenate(diffs)
+    return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "prediction_agreement": agree / total}
+
+
+__all__ = ["FORMATS", "compare_with_torch", "export_onnx", "export_quantized_onnx",
+           "ort_logits", "ort_predict", "ort_session", "rewrite_quantized"]

@@ -1,0 +1,512 @@
+"""Contraction planner for TT-matrix layers: how to execute ``y = x W`` for a given shape and token count.
+
+Candidate executions (:class:`Execution`):
+
+- ``chain`` — the *fused einsum mapping*: every pairwise contraction of the TT network is mapped onto one
+  GEMM (or one batched GEMM with a shared left operand) by grouping its indices into ``(batch, m, k, n)``
+  blocks that are already contiguous, so the activations are only ever *reshaped* (views), never permuted.
+  Right to left, step ``k`` multiplies core matrix ``(r_{k-1} o_k) x (i_k r_k)`` into state
+  ``(T i_<k, i_k r_k, o_>k)`` and leaves ``(T i_<k, r_{k-1} o_k o_>k)``, which is exactly the next step's
+  layout; left to right is the mirror image. Adjacent cores may be *fused offline* (``groups``): a group is
+  multiplied into one larger core before the chain runs (once, cached at inference), trading FLOPs for
+  fewer and larger GEMMs. The two extreme groupings are the unfused chain and one group of all cores.
+- ``einsum`` — a pairwise path found by ``opt_einsum`` (several optimizers; each path re-scored by the
+  planner's cost function), each pair executed by ``torch.einsum``.
+- ``reconstruct`` — rebuild the dense weight from the cores every call and run one GEMM (training).
+- ``dense`` — inference only: the reconstructed weight is cached and the layer runs as ``nn.Linear`` does,
+  so a TT layer whose factorization does not pay is no slower than the dense layer it replaced.
+
+The planner scores candidates with a pluggable cost function ``cost(ops) -> seconds`` over the plain-data
+steps of :mod:`fitformer.layers.tensorize` (default :class:`RooflineCost`: FLOPs at a size-dependent GEMM
+efficiency + bytes over bandwidth + a per-kernel overhead). With ``measure=True`` (default unless
+``FITFORMER_TT_MEASURE=0``) it then times the best few candidates and the dense reference on the host and
+keeps the fastest, falling back to dense unless a factorized execution wins by ``margin``. Plans are cached
+per (layer shape, ranks, token bucket, dtype, training); token counts are bucketed to powers of two.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import opt_einsum
+import torch
+import torch.nn.functional as F
+
+from ..hardware.timing import measure as time_fn
+from .tensorize import Op, chain_ops, copy_op, core_prep_ops, merge_ops, mm_op, prod
+
+Hook = Callable[[torch.Tensor], torch.Tensor]
+CostFn = Callable[[list[Op]], float]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class TTSpec:
+    """Shape of a TT-matrix layer: features, modes (products may exceed the features: padding) and bond ranks."""
+
+    in_features: int
+    out_features: int
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    @property
+    def in_padded(self) -> int:
+        return prod(self.in_modes)
+
+    @property
+    def out_padded(self) -> int:
+        return prod(self.out_modes)
+
+    def fused(self, groups: Sequence[Sequence[int]]) -> TTSpec:
+        """The TT after fusing each group of adjacent cores into one."""
+        return TTSpec(self.in_features, self.out_features,
+                      tuple(prod([self.in_modes[k] for k in g]) for g in groups),
+                      tuple(prod([self.out_modes[k] for k in g]) for g in groups),
+                      (1, *(self.ranks[g[-1] + 1] for g in groups)))
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One way to run a TT layer (see the module docstring)."""
+
+    kind: str  # "chain" | "einsum" | "reconstruct" | "dense"
+    groups: tuple[tuple[int, ...], ...] = ()
+    direction: str = "rtl"
+    path: tuple[tuple[int, int], ...] = ()
+    optimizer: str = ""
+    modes: str = ""  # chain: per step in execution order, "b" = shared-operand BMM, "g" = transpose + one GEMM
+
+    def describe(self) -> str:
+        if self.kind == "chain":
+            g = "|".join("".join(str(k) for k in grp) for grp in self.groups)
+            return f"chain[{self.direction}; {g}; {self.modes}]"
+        if self.kind == "einsum":
+            return f"einsum[{self.optimizer}]"
+        return self.kind
+
+
+# --------------------------------------------------------------------------------------------- execution
+
+
+def merge_cores(cores: Sequence[torch.Tensor], hook: Hook = _identity) -> torch.Tensor:
+    """Fuse adjacent cores ``(r0, i, o, r1)`` into one ``(r0, prod i, prod o, r_last)`` core."""
+    c = cores[0]
+    for nxt in cores[1:]:
+        r0, big_i, big_o, r1 = c.shape
+        _, i, o, r2 = nxt.shape
+        m = (c.reshape(-1, r1) @ nxt.reshape(r1, -1)).reshape(r0, big_i, big_o, i, o, r2)
+        c = hook(m.permute(0, 1, 3, 2, 4, 5).reshape(r0, big_i * i, big_o * o, r2))
+    return c
+
+
+def prepare(exe: Execution, spec: TTSpec, cores: Sequence[torch.Tensor], hook: Hook = _identity) -> list[torch.Tensor]:
+    """The operands an execution needs from the cores (done once per call in training, cached at inference)."""
+    if exe.kind == "einsum":
+        return list(cores)
+    if exe.kind in ("reconstruct", "dense"):
+        w = merge_cores(cores, hook).reshape(spec.in_padded, spec.out_padded)
+        if exe.kind == "dense":  # the layout nn.Linear uses, unpadded
+            w = w[: spec.in_features, : spec.out_features].t().contiguous()
+        return [w]
+    fused = [merge_cores([cores[k] for k in g], hook) if len(g) > 1 else cores[g[0]] for g in exe.groups]
+    if exe.direction == "rtl":  # (r_{k-1} o_k) x (i_k r_k)
+        return [c.permute(0, 2, 1, 3).reshape(c.shape[0] * c.shape[2], c.shape[1] * c.shape[3]) for c in fused]
+    return [c.permute(2, 3, 0, 1).reshape(c.shape[2] * c.shape[3], c.shape[0] * c.shape[1]) for c in fused]
+
+
+def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direction: str,
+              hook: Hook = _identity, modes: str = "") -> torch.Tensor:
+    """The GEMM chain on ``x`` of shape ``(T, prod in_modes)``; returns ``(T, prod out_modes)``.
+
+    A step with ``n > 1`` runs as a BMM whose left operand (the core matrix) is shared across the batch
+    (mode ``"b"``, no copy of the activations), or as one large GEMM on the transposed state (mode ``"g"``:
+    two copies, but no tiny matrices when ``n`` is small).
+    """
+    d = len(spec.in_modes)
+    order = range(d - 1, -1, -1) if direction == "rtl" else range(d)
+    s = x
+    for step, k in enumerate(order):
+        if direction == "rtl":
+            kk, n = spec.in_modes[k] * spec.ranks[k + 1], prod(spec.out_modes[k + 1:])
+        else:
+            kk, n = spec.ranks[k] * spec.in_modes[k], prod(spec.in_modes[k + 1:])
+        a = mats[k]
+        if n == 1:
+            s = s.reshape(-1, kk) @ a.t()
+        elif modes and modes[step] == "g":
+            s = torch.matmul(s.reshape(-1, kk, n).transpose(1, 2), a.t()).transpose(1, 2)
+        else:
+            b = s.reshape(-1, kk, n)
+            s = torch.bmm(a.expand(b.shape[0], -1, -1), b)
+        if step < d - 1:
+            s = hook(s)
+    return s.reshape(x.shape[0], spec.out_padded)
+
+
+def _einsum_equation(d: int) -> str:
+    letters = iter(string.ascii_letters.replace("t", ""))
+    ins = [next(letters) for _ in range(d)]
+    outs = [next(letters) for _ in range(d)]
+    bonds = [next(letters) for _ in range(d - 1)]
+    terms = []
+    for k in range(d):
+        left = bonds[k - 1] if k > 0 else ""
+        right = bonds[k] if k < d - 1 else ""
+        terms.append(f"{left}{ins[k]}{outs[k]}{right}")
+    return f"t{''.join(ins)}," + ",".join(terms) + f"->t{''.join(outs)}"
+
+
+def einsum_operand_shapes(spec: TTSpec, tokens: int) -> list[tuple[int, ...]]:
+    d, r = len(spec.in_modes), spec.ranks
+    shapes = [(tokens, *spec.in_modes)]
+    for k in range(d):
+        s = (r[k],) if k > 0 else ()
+        shapes.append((*s, spec.in_modes[k], spec.out_modes[k], *((r[k + 1],) if k < d - 1 else ())))
+    return shapes
+
+
+def einsum_operands(x: torch.Tensor, spec: TTSpec, cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``x`` and the cores with their unit end bonds dropped, as ``_einsum_equation`` expects."""
+    ops = [x.reshape(x.shape[0], *spec.in_modes)]
+    d = len(cores)
+    for k, c in enumerate(cores):
+        if k == 0:
+            c = c.squeeze(0)
+        if k == d - 1:
+            c = c.squeeze(-1)
+        ops.append(c)
+    return ops
+
+
+@functools.lru_cache(maxsize=1024)
+def einsum_steps(spec: TTSpec, path: tuple[tuple[int, int], ...],
+                 tokens: int = 16) -> list[tuple[tuple[int, ...], str]]:
+    """(operand positions, einsum string) of each pairwise step of ``path`` (the strings do not depend on
+    the token count, which only sizes the operands)."""
+    eq = _einsum_equation(len(spec.in_modes))
+    _, info = opt_einsum.contract_path(eq, *einsum_operand_shapes(spec, tokens), shapes=True,
+                                       optimize=[tuple(p) for p in path])
+    return [(tuple(step[0]), step[2]) for step in info.contraction_list]
+
+
+def run_einsum(x: torch.Tensor, cores: Sequence[torch.Tensor], spec: TTSpec,
+               steps: Sequence[tuple[tuple[int, ...], str]], hook: Hook = _identity) -> torch.Tensor:
+    """Pairwise contraction along a precomputed path; every intermediate passes through ``hook``."""
+    operands = einsum_operands(x, spec, cores)
+    for n, (inds, eq) in enumerate(steps):
+        args = [operands.pop(i) for i in inds]
+        out = torch.einsum(eq, *args)
+        operands.append(hook(out) if n < len(steps) - 1 else out)
+    return operands[0].reshape(x.shape[0], spec.out_padded)
+
+
+def run(exe: Execution, x: torch.Tensor, prepared: Sequence[torch.Tensor], spec: TTSpec, hook: Hook = _identity,
+        steps: Sequence[tuple[tuple[int, ...], str]] | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Execute ``exe`` on ``x`` of shape ``(T, in_features)``; returns ``(T, out_features)`` with bias added."""
+    if exe.kind == "dense":
+        return F.linear(x, prepared[0], bias)
+    if spec.in_padded > spec.in_features:
+        x = F.pad(x, (0, spec.in_padded - spec.in_features))
+    if exe.kind == "reconstruct":
+        y = x @ prepared[0]
+    elif exe.kind == "einsum":
+        y = run_einsum(x, prepared, spec, steps if steps is not None else einsum_steps(spec, exe.path), hook)
+    else:
+        y = run_chain(x, prepared, spec.fused(exe.groups), exe.direction, hook, exe.modes)
+    if spec.out_padded > spec.out_features:
+        y = y[:, : spec.out_features]
+    return y + bias if bias is not None else y
+
+
+# --------------------------------------------------------------------------------------------- costs
+
+
+def _einsum_step_ops(eq: str, sizes: dict[str, int], itemsize: int) -> list[Op]:
+    inputs, out = eq.split("->")
+    a, b = inputs.split(",")
+    size = lambda idx: prod([sizes[c] for c in idx])  # noqa: E731
+    batch = size([c for c in a if c in b and c in out])
+    k = size([c for c in a if c in b and c not in out])
+    m = size([c for c in a if c not in b])
+    n = size([c for c in b if c not in a])
+    return [mm_op(batch, m, n, k, itemsize, label=eq), copy_op(size(out), itemsize, label=f"layout {eq}")]
+
+
+def execution_ops(exe: Execution, spec: TTSpec, tokens: int, itemsize: int = 4) -> list[Op]:
+    """Plain-data steps of ``exe`` at ``tokens`` rows (``stage`` tells core-only work from per-call work)."""
+    if exe.kind == "dense":
+        return [*merge_ops(spec.in_modes, spec.out_modes, spec.ranks, itemsize),
+                mm_op(1, tokens, spec.out_features, spec.in_features, itemsize, label="dense")]
+    if exe.kind == "reconstruct":
+        return [*merge_ops(spec.in_modes, spec.out_modes, spec.ranks, itemsize),
+                mm_op(1, tokens, spec.out_padded, spec.in_padded, itemsize, label="dense")]
+    if exe.kind == "einsum":
+        eq = _einsum_equation(len(spec.in_modes))
+        shapes = einsum_operand_shapes(spec, tokens)
+        terms = eq.split("->")[0].split(",")
+        sizes = {c: s for term, shp in zip(terms, shapes, strict=True) for c, s in zip(term, shp, strict=True)}
+        return [op for _, step in einsum_steps(spec, exe.path, tokens)
+                for op in _einsum_step_ops(step, sizes, itemsize)]
+    ops: list[Op] = []
+    for g in exe.groups:
+        if len(g) > 1:
+            sub = [spec.ranks[g[0]], *(spec.ranks[k + 1] for k in g)]
+            ops += merge_ops([spec.in_modes[k] for k in g], [spec.out_modes[k] for k in g], sub, itemsize)
+    f = spec.fused(exe.groups)
+    ops += core_prep_ops(f.in_modes, f.out_modes, f.ranks, itemsize)
+    for step, op in enumerate(chain_ops(f.in_modes, f.out_modes, f.ranks, tokens, exe.direction, itemsize)):
+        if op["kind"] == "bmm" and exe.modes and exe.modes[step] == "g":
+            b, m, n, k = (int(op[f]) for f in ("batch", "m", "n", "k"))
+            ops += [copy_op(b * k * n, itemsize, label=f"transpose {op['label']}"),
+                    mm_op(1, b * n, m, k, itemsize, label=str(op["label"])),
+                    copy_op(b * m * n, itemsize, label=f"transpose {op['label']}")]
+        else:
+            ops.append(op)
+    return ops
+
+
+@dataclass
+class RooflineCost:
+    """Default cost: ``sum(flops / (peak * eff) + bytes / bandwidth + overhead)`` over the ops.
+
+    ``eff`` falls with small GEMM dimensions (a GEMM with a dimension of 8 runs far below peak); batched
+    GEMMs with a shared operand pay a further factor. :meth:`calibrate` fits the three constants on the host
+    with three micro-benchmarks (about a tenth of a second).
+    """
+
+    peak_flops: float = 5e10
+    bandwidth: float = 1e10
+    overhead_s: float = 1e-5
+    bmm_penalty: float = 0.7
+    include_prepare: bool = False
+
+    def efficiency(self, op: Op) -> float:
+        eff = 1.0
+        for dim in (op["m"], op["n"], op["k"]):
+            eff *= min(1.0, int(dim) / 64) ** 0.5
+        return eff * (self.bmm_penalty if op["kind"] == "bmm" else 1.0)
+
+    def __call__(self, ops: list[Op]) -> float:
+        total = 0.0
+        for op in ops:
+            if op["stage"] == "prepare" and not self.include_prepare:
+                continue
+            compute = int(op["flops"]) / (self.peak_flops * max(self.efficiency(op), 1e-3))
+            total += compute + int(op["bytes"]) / self.bandwidth + self.overhead_s
+        return total
+
+    @classmethod
+    def calibrate(cls, **kwargs) -> RooflineCost:
+        a = torch.randn(512, 512)
+        big = torch.randn(4_000_000)
+        tiny = torch.randn(4, 4)
+        t_gemm = time_fn(lambda: a @ a, warmup=2, repeats=5).median_ms / 1e3
+        t_copy = time_fn(lambda: big.clone(), warmup=2, repeats=5).median_ms / 1e3
+        t_tiny = time_fn(lambda: tiny @ tiny, warmup=5, repeats=50).median_ms / 1e3
+        return cls(peak_flops=2 * 512**3 / t_gemm, bandwidth=2 * 4 * big.numel() / t_copy,
+                   overhead_s=max(t_tiny, 1e-6), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- planning
+
+
+def token_bucket(tokens: int) -> int:
+    """Token counts share a plan within a power-of-two bucket (16, 32, ..., rounded up)."""
+    return max(16, 1 << max(0, int(tokens) - 1).bit_length())
+
+
+def groupings(d: int) -> list[tuple[tuple[int, ...], ...]]:
+    """All ways to split cores ``0..d-1`` into contiguous groups (at least two groups)."""
+    out = []
+    for cuts in itertools.product((False, True), repeat=d - 1):
+        if not any(cuts):
+            continue
+        groups, cur = [], [0]
+        for k, cut in enumerate(cuts, start=1):
+            if cut:
+                groups.append(tuple(cur))
+                cur = [k]
+            else:
+                cur.append(k)
+        groups.append(tuple(cur))
+        out.append(tuple(groups))
+    return out
+
+
+def _einsum_candidates(spec: TTSpec, tokens: int) -> list[Execution]:
+    eq = _einsum_equation(len(spec.in_modes))
+    shapes = einsum_operand_shapes(spec, tokens)
+    found: dict[tuple, Execution] = {}
+    optimizers = ["greedy", "dp", "optimal"] if len(spec.in_modes) <= 4 else ["greedy", "dp"]
+    for opt in optimizers:
+        for minimize in ("flops", "size"):
+            optimize = opt_einsum.DynamicProgramming(minimize=minimize) if opt == "dp" else opt
+            if opt != "dp" and minimize != "flops":
+                continue
+            path, _ = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=optimize)
+            key = tuple(tuple(p) for p in path)
+            found.setdefault(key, Execution("einsum", path=key, optimizer=f"{opt}-{minimize}"))
+    return list(found.values())
+
+
+def is_tracing() -> bool:
+    """True inside torch.compile/torch.export/ONNX export or TorchScript tracing: no timing, no caching."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+@dataclass
+class Planner:
+    """Chooses an :class:`Execution` per (layer shape, ranks, token bucket, dtype, training) and caches it.
+
+    ``cost`` maps a list of ops to seconds (default: :class:`RooflineCost`, calibrated on first use when
+    measuring); ``measure`` times the ``top_k`` cheapest candidates and the dense reference on the host;
+    ``margin`` is how much faster a factorized execution must be to beat the reference; candidates estimated
+    at more than ``explore`` times the reference's cost are not timed.
+    """
+
+    cost: CostFn | None = None
+    measure: bool | None = None
+    top_k: int = 3
+    margin: float = 0.05
+    explore: float = 2.0
+    rounds: int = 3
+    max_seconds: float = 0.5
+    cache: dict[tuple, tuple[Execution, dict[str, float]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.measure is None:
+            self.measure = os.environ.get("FITFORMER_TT_MEASURE", "1") != "0"
+
+    def cost_fn(self) -> CostFn:
+        if self.cost is None:
+            if is_tracing():  # no timing while a graph is being captured
+                return RooflineCost()
+            self.cost = RooflineCost.calibrate() if self.measure else RooflineCost()
+        return self.cost
+
+    def candidates(self, spec: TTSpec, tokens: int, training: bool) -> list[Execution]:
+        """Every execution this planner considers for ``spec`` (while tracing, no opt_einsum paths: their
+        search is not traceable, and the chains cover the same contractions)."""
+        cands = []
+        for g in groupings(len(spec.in_modes)):
+            f = spec.fused(g)
+            for dr in ("rtl", "ltr"):
+                n_steps = len(chain_ops(f.in_modes, f.out_modes, f.ranks, 1, dr))
+                cands += [Execution("chain", groups=g, direction=dr, modes="".join(m))
+                          for m in itertools.product("bg", repeat=n_steps)]
+        cands = [c for c in cands if self._distinct(c, spec)]
+        if not is_tracing():
+            cands += _einsum_candidates(spec, tokens)
+        cands.append(Execution("reconstruct") if training else Execution("dense"))
+        return cands
+
+    @staticmethod
+    def _distinct(exe: Execution, spec: TTSpec) -> bool:
+        """Drop chains whose mode letters only differ on plain-GEMM steps (``n == 1``, where they are unused)."""
+        f = spec.fused(exe.groups)
+        ops = chain_ops(f.in_modes, f.out_modes, f.ranks, 2, exe.direction)
+        return all(exe.modes[i] == "b" for i, op in enumerate(ops) if op["kind"] != "bmm")
+
+    def scores(self, spec: TTSpec, tokens: int, training: bool, itemsize: int = 4) -> list[tuple[float, Execution]]:
+        """Estimated seconds of every candidate, cheapest first."""
+        cost = self.cost_fn()
+        scored = []
+        for exe in self.candidates(spec, tokens, training):
+            ops = execution_ops(exe, spec, tokens, itemsize)
+            if training:  # core work is per call when the cores change every step
+                ops = [{**op, "stage": "run"} for op in ops]
+            scored.append((cost(ops), exe))
+        scored.sort(key=lambda se: se[0])
+        return scored
+
+    def plan(self, spec: TTSpec, tokens: int, dtype: torch.dtype = torch.float32, training: bool = False) -> Execution:
+        """The execution for ``tokens`` rows (bucketed), from the cache when planned before."""
+        bucket = token_bucket(tokens)
+        key = (spec, bucket, dtype, training)
+        if key in self.cache:
+            return self.cache[key][0]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        scored = self.scores(spec, bucket, training, itemsize)
+        if not self.measure or is_tracing():
+            choice = scored[0][1]
+            if not is_tracing():
+                self.cache[key] = (choice, {})
+            return choice
+        reference = Execution("reconstruct") if training else Execution("dense")
+        ref_cost = next(c for c, exe in scored if exe == reference)
+        # only time candidates the cost model does not rule out (some chains build huge intermediates)
+        factorized = [exe for c, exe in scored
+                      if exe.kind not in ("dense", "reconstruct") and c <= self.explore * ref_cost][: self.top_k]
+        times = self.time([reference, *factorized], spec, bucket, dtype, training)
+        best = min(factorized, key=lambda e: times[e.describe()], default=reference)
+        if times[best.describe()] > (1 - self.margin) * times[reference.describe()]:
+            best = reference
+        self.cache[key] = (best, times)
+        return best
+
+    def timings(self, spec: TTSpec, tokens: int, dtype: torch.dtype = torch.float32,
+                training: bool = False) -> dict[str, float]:
+        """Milliseconds measured when the plan for this bucket was made (empty if not measured)."""
+        return self.cache.get((spec, token_bucket(tokens), dtype, training), (None, {}))[1]
+
+    def time(self, executions: Sequence[Execution], spec: TTSpec, tokens: int, dtype: torch.dtype,
+             training: bool) -> dict[str, float]:
+        """Milliseconds of each execution on random data of this shape (forward + backward when training).
+
+        The executions are timed in interleaved rounds and each keeps its fastest time, so a burst of load
+        from other processes cannot favour one of them.
+        """
+        gen = torch.Generator().manual_seed(0)
+        cores = [torch.randn(spec.ranks[k], i, o, spec.ranks[k + 1], generator=gen, dtype=dtype) / math.sqrt(i)
+                 for k, (i, o) in enumerate(zip(spec.in_modes, spec.out_modes, strict=True))]
+        x = torch.randn(tokens, spec.in_features, generator=gen, dtype=dtype)
+        if training:
+            for c in cores:
+                c.requires_grad_(True)
+        fns = {}
+        for exe in executions:
+            steps = einsum_steps(spec, exe.path) if exe.kind == "einsum" else None
+            if training:
+                def fn(exe=exe, steps=steps) -> None:
+                    run(exe, x, prepare(exe, spec, cores), spec, steps=steps).sum().backward()
+            else:
+                with torch.no_grad():
+                    prepared = prepare(exe, spec, cores)
+
+                def fn(exe=exe, steps=steps, prepared=prepared) -> None:
+                    with torch.no_grad():
+                        run(exe, x, prepared, spec, steps=steps)
+            fns[exe.describe()] = fn
+        best = dict.fromkeys(fns, float("inf"))
+        for r in range(self.rounds):
+            for name, fn in fns.items():
+                t = time_fn(fn, warmup=1 if r == 0 else 0, repeats=2, max_seconds=self.max_seconds).min_ms
+                best[name] = min(best[name], t)
+        return best
+
+
+_DEFAULT: Planner | None = None
+
+
+def default_planner() -> Planner:
+    """The process-wide planner that TT layers use unless given their own."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = Planner()
+    return _DEFAULT
+
+
+def set_default_planner(planner: Planner | None) -> None:
+    """Replace the process-wide planner (``None`` resets it), e.g. with a hardware cost model's."""
+    global _DEFAULT
+    _DEFAULT = planner

@@ -1,0 +1,335 @@
+"""TT-matrix layers (``TTLinear``, ``TTEmbedding``) and their TT-SVD initialisation from dense weights.
+
+A TT-matrix (Novikov et al. 2015, "Tensorizing Neural Networks", eq. 3) stores an ``in x out`` weight as
+cores ``G_k`` of shape ``(r_{k-1}, i_k, o_k, r_k)``, ``r_0 = r_d = 1``, with
+``W[(i_1..i_d), (o_1..o_d)] = G_1[:, i_1, o_1, :] @ ... @ G_d[:, i_d, o_d, :]``. Sizes that factor badly are
+zero-padded to ``prod(modes)``; ``d = 2`` with modes ``(in, 1) x (1, out)`` is plain low rank.
+
+``TTLinear.forward`` asks a :class:`~fitformer.layers.planner.Planner` how to contract for the current token
+count (chain of GEMMs, einsum path, or the reconstructed dense weight) and caches the core-only work when
+the cores do not require gradients.
+
+Hooks for quantization (and any other wrapper):
+
+- ``intermediate_quant: nn.Module | None`` (default ``None`` = identity): every intermediate result of the
+  contraction — each partial product of the activation chain, each fused core, the reconstructed weight —
+  passes through it; the layer output does not. Setting it disables the inference cache of core work.
+- ``effective_cores() -> list[Tensor]``: the cores as used by ``forward``. Override it in a subclass, or
+  parametrize ``layer.cores`` entries with ``torch.nn.utils.parametrize.register_parametrization(layer.cores,
+  "0", FakeQuant())`` — either way forward sees the transformed cores. When the returned tensors are not
+  the raw parameters, the inference cache is bypassed.
+- ``cost_ops(tokens, training=False) -> list[dict]``: the planned execution's steps as plain data (see
+  :mod:`fitformer.layers.tensorize`), for cost models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .planner import Execution, Planner, TTSpec, default_planner, execution_ops, is_tracing, merge_cores, prepare, run
+from .tensorize import Op, balanced_modes, bond_ranks, prod, validate_shape
+
+
+def _svd(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD; a very wide or tall matrix is first reduced by QR (several times faster, same result)."""
+    m, n = c.shape
+    if n > 2 * m:
+        q, r = torch.linalg.qr(c.mT)
+        u, s, vh = torch.linalg.svd(r.mT, full_matrices=False)
+        return u, s, vh @ q.mT
+    if m > 2 * n:
+        q, r = torch.linalg.qr(c)
+        u, s, vh = torch.linalg.svd(r, full_matrices=False)
+        return q @ u, s, vh
+    return torch.linalg.svd(c, full_matrices=False)
+
+
+def tt_svd(matrix: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int],
+           max_rank: int | Sequence[int] | None = None,
+           rel_error: float | None = None) -> tuple[list[torch.Tensor], float]:
+    """TT-SVD of an ``(prod in_modes) x (prod out_modes)`` matrix into TT-matrix cores (Oseledets 2011, Alg. 1).
+
+    Each of the ``d - 1`` truncated SVDs drops singular values whose tail norm stays within
+    ``rel_error * ||W|| / sqrt(d - 1)`` (so the total relative error is at most ``rel_error``) and keeps at
+    most ``max_rank`` (an int, or one per bond). Returns the cores (in the matrix's dtype) and the measured
+    relative Frobenius error of the reconstruction. With neither limit the decomposition is exact.
+    """
+    d = len(in_modes)
+    if matrix.shape != (prod(in_modes), prod(out_modes)):
+        raise UserError(f"matrix of shape {tuple(matrix.shape)} does not match modes {tuple(in_modes)} x "
+                        f"{tuple(out_modes)}")
+    if rel_error is not None and not 0 <= rel_error < 1:
+        raise UserError(f"rel_error must be in [0, 1), got {rel_error}")
+    caps = [None] * (d - 1) if max_rank is None else bond_ranks(in_modes, out_modes, max_rank)[1:-1]
+    w = matrix.detach().to(torch.float64)
+    perm = [p for k in range(d) for p in (k, d + k)]
+    c = w.reshape(*in_modes, *out_modes).permute(*perm).reshape(in_modes[0] * out_modes[0], -1)
+    delta = (rel_error or 0.0) * torch.linalg.norm(w).item() / math.sqrt(max(d - 1, 1))
+    cores, r_prev = [], 1
+    for k in range(d - 1):
+        c = c.reshape(r_prev * in_modes[k] * out_modes[k], -1)
+        u, s, vh = _svd(c)
+        tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0]))  # tail[j] = ||s[j:]||
+        keep = int((tail > delta).sum().item()) if delta > 0 else int((s > 0).sum().item())
+        keep = max(1, keep if caps[k] is None else min(keep, caps[k]))
+        cores.append(u[:, :keep].reshape(r_prev, in_modes[k], out_modes[k], keep))
+        c = s[:keep, None] * vh[:keep]
+        r_prev = keep
+    cores.append(c.reshape(r_prev, in_modes[-1], out_modes[-1], 1))
+    rebuilt = merge_cores(cores).reshape(w.shape)
+    err = (torch.linalg.norm(rebuilt - w) / torch.linalg.norm(w).clamp_min(1e-300)).item()
+    return [g.to(matrix.dtype).contiguous() for g in cores], err
+
+
+def _resolve_modes(features: int, modes: Sequence[int] | None, num_cores: int) -> tuple[int, ...]:
+    return tuple(int(m) for m in modes) if modes is not None else balanced_modes(features, num_cores)
+
+
+class _TTBase(nn.Module):
+    """Cores, hooks and shared bookkeeping of the TT layers."""
+
+    cores: nn.ParameterList
+    intermediate_quant: nn.Module | None
+
+    def _init_cores(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks: tuple[int, ...],
+                    target_var: float, device=None, dtype=None) -> None:
+        # Var(W) = prod(inner ranks) * prod_k var_k; split the target evenly over the cores.
+        d = len(in_modes)
+        var = (target_var / prod(ranks[1:-1])) ** (1.0 / d)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.randn(ranks[k], i, o, ranks[k + 1], device=device, dtype=dtype) * math.sqrt(var))
+            for k, (i, o) in enumerate(zip(in_modes, out_modes, strict=True)))
+        self.intermediate_quant = None
+        self.reconstruction_error: float | None = None
+
+    def effective_cores(self) -> list[torch.Tensor]:
+        """The cores as ``forward`` uses them (override or parametrize to quantize them)."""
+        return list(self.cores)
+
+    def _hook(self):
+        return self.intermediate_quant if self.intermediate_quant is not None else (lambda t: t)
+
+    def _raw(self, cores: Sequence[torch.Tensor]) -> bool:
+        """Whether ``cores`` are the stored parameters themselves (then core work can be cached)."""
+        return self.intermediate_quant is None and all(c is p for c, p in zip(cores, self.cores, strict=True))
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (1, *(int(c.shape[-1]) for c in self.cores))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class TTLinear(_TTBase):
+    """``y = x W + b`` with ``W`` a TT-matrix; drop-in for ``nn.Linear`` (see the module docstring).
+
+    ``ranks``: one int (the maximal bond rank), ``d - 1`` inner ranks or ``d + 1`` bond ranks; each is clamped
+    to its bond's full rank. Modes default to a balanced 3-way factorization of each size.
+    """
+
+    def __init__(self, in_features: int, out_features: int, in_modes: Sequence[int] | None = None,
+                 out_modes: Sequence[int] | None = None, ranks: int | Sequence[int] = 8, bias: bool = True,
+                 planner: Planner | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise UserError(f"TTLinear needs positive sizes, got {in_features} x {out_features}")
+        d = len(in_modes) if in_modes is not None else len(out_modes) if out_modes is not None else 3
+        in_modes = _resolve_modes(in_features, in_modes, d)
+        out_modes = _resolve_modes(out_features, out_modes, d)
+        validate_shape(in_features, out_features, in_modes, out_modes)
+        self.in_features, self.out_features = in_features, out_features
+        self.in_modes, self.out_modes = in_modes, out_modes
+        self._init_cores(in_modes, out_modes, bond_ranks(in_modes, out_modes, ranks), 1.0 / (3 * in_features),
+                         device, dtype)
+        bound = 1 / math.sqrt(in_features)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)) \
+            if bias else None
+        self.planner = planner
+        self._cache: tuple[tuple, list[torch.Tensor]] | None = None
+
+    @property
+    def spec(self) -> TTSpec:
+        return TTSpec(self.in_features, self.out_features, self.in_modes, self.out_modes, self.ranks)
+
+    def _planner(self) -> Planner:
+        return self.planner if self.planner is not None else default_planner()
+
+    def plan(self, tokens: int, training: bool = False, dtype: torch.dtype | None = None) -> Execution:
+        """The execution the planner chooses for ``tokens`` rows."""
+        return self._planner().plan(self.spec, tokens, dtype or self.cores[0].dtype, training)
+
+    def cost_ops(self, tokens: int, training: bool = False) -> list[Op]:
+        """Steps of the planned execution at ``tokens`` rows as plain dicts (kind 'gemm'/'bmm'/'copy', batch,
+        m, n, k, flops, bytes, stage). At inference (``training=False``) the core-only work is cached and
+        left out; in training it runs every call and is included."""
+        itemsize = self.cores[0].element_size()
+        ops = execution_ops(self.plan(tokens, training), self.spec, tokens, itemsize)
+        return [{**op, "stage": "run"} for op in ops] if training else [op for op in ops if op["stage"] == "run"]
+
+    def flops(self, tokens: int, training: bool = False) -> int:
+        """FLOPs of the planned execution per call at ``tokens`` rows (as :meth:`cost_ops` counts them)."""
+        return sum(int(op["flops"]) for op in self.cost_ops(tokens, training))
+
+    def _operands(self, exe: Execution, cores: list[torch.Tensor], training: bool) -> list[torch.Tensor]:
+        if training or is_tracing() or not self._raw(cores):
+            return prepare(exe, self.spec, cores, self._hook())
+        key = (exe, cores[0].dtype, cores[0].device, tuple((p.data_ptr(), p._version) for p in self.cores))
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, prepare(exe, self.spec, cores))
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise UserError(f"TTLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        cores = self.effective_cores()
+        training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+        tokens = x2.shape[0] if not is_tracing() else 128
+        exe = self._planner().plan(self.spec, tokens, x.dtype, training)
+        y = run(exe, x2, self._operands(exe, cores, training), self.spec, self._hook(), bias=self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight the cores represent (materialised; for inspection and export)."""
+        w = merge_cores(self.effective_cores()).reshape(prod(self.in_modes), prod(self.out_modes))
+        return w[: self.in_features, : self.out_features].t()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, in_modes={self.in_modes}, "
+                f"out_modes={self.out_modes}, ranks={self.ranks}, bias={self.bias is not None}")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, in_modes: Sequence[int] | None = None,
+                    out_modes: Sequence[int] | None = None, max_rank: int | Sequence[int] | None = None,
+                    rel_error: float | None = None, num_cores: int = 3, planner: Planner | None = None) -> TTLinear:
+        """TT-SVD of a dense layer; ``reconstruction_error`` holds the relative Frobenius error of the weight.
+        Without ``max_rank`` and ``rel_error`` the ranks are full and the layer reproduces ``linear``."""
+        if not isinstance(linear, nn.Linear):
+            raise UserError(f"TTLinear.from_linear needs an nn.Linear, got {type(linear).__name__}")
+        d = len(in_modes) if in_modes is not None else len(out_modes) if out_modes is not None else num_cores
+        in_modes = _resolve_modes(linear.in_features, in_modes, d)
+        out_modes = _resolve_modes(linear.out_features, out_modes, d)
+        validate_shape(linear.in_features, linear.out_features, in_modes, out_modes)
+        w = linear.weight.detach().t()
+        padded = w.new_zeros(prod(in_modes), prod(out_modes))
+        padded[: linear.in_features, : linear.out_features] = w
+        cores, err = tt_svd(padded, in_modes, out_modes, max_rank, rel_error)
+        ranks = (1, *(c.shape[-1] for c in cores))
+        layer = cls(linear.in_features, linear.out_features, in_modes, out_modes, ranks, linear.bias is not None,
+                    planner, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for p, c in zip(layer.cores, cores, strict=True):
+                p.copy_(c)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.reconstruction_error = err
+        return layer
+
+
+class TTEmbedding(_TTBase):
+    """An embedding table ``vocab x hidden`` stored as a TT-matrix over (vocab modes, hidden modes).
+
+    A lookup turns each id into its mode digits and contracts only the selected core slices (one batched
+    GEMM per core over the *unique* ids), so only touched rows are materialised (Hrinchuk et al. 2020,
+    "Tensorized Embedding Layers").
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, vocab_modes: Sequence[int] | None = None,
+                 hidden_modes: Sequence[int] | None = None, ranks: int | Sequence[int] = 16,
+                 padding_idx: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise UserError(f"TTEmbedding needs positive sizes, got {num_embeddings} x {embedding_dim}")
+        d = len(vocab_modes) if vocab_modes is not None else len(hidden_modes) if hidden_modes is not None else 3
+        vocab_modes = _resolve_modes(num_embeddings, vocab_modes, d)
+        hidden_modes = _resolve_modes(embedding_dim, hidden_modes, d)
+        validate_shape(num_embeddings, embedding_dim, vocab_modes, hidden_modes)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.vocab_modes, self.hidden_modes = vocab_modes, hidden_modes
+        self._init_cores(vocab_modes, hidden_modes, bond_ranks(vocab_modes, hidden_modes, ranks), 1.0, device, dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dense rows ``(N, embedding_dim)`` for a flat tensor of ``N`` ids."""
+        cores, hook = self.effective_cores(), self._hook()
+        strides = [prod(self.vocab_modes[k + 1:]) for k in range(len(self.vocab_modes))]
+        state = None
+        for k, (core, stride, v) in enumerate(zip(cores, strides, self.vocab_modes, strict=True)):
+            digit = torch.div(ids, stride, rounding_mode="floor") % v
+            piece = core.index_select(1, digit).permute(1, 0, 2, 3)  # (N, r_{k-1}, h_k, r_k)
+            n, r0, h, r1 = piece.shape
+            if state is None:
+                state = piece.reshape(n, h, r1)
+            else:  # (N, H_<k, r_{k-1}) @ (N, r_{k-1}, h_k r_k) -> (N, H_<=k, r_k)
+                state = torch.bmm(state, piece.reshape(n, r0, h * r1)).reshape(n, -1, r1)
+            if k < len(cores) - 1:
+                state = hook(state)
+        return state.reshape(ids.shape[0], -1)[:, : self.embedding_dim]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if is_tracing():
+            out = self.rows(flat)
+        else:
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+                raise UserError(f"token ids must be in [0, {self.num_embeddings}); got "
+                                f"[{int(flat.min())}, {int(flat.max())}]")
+            uniq, inverse = torch.unique(flat, return_inverse=True)
+            out = self.rows(uniq)[inverse]
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(vocab, hidden)`` table (materialised; for inspection and tied heads)."""
+        w = merge_cores(self.effective_cores()).reshape(prod(self.vocab_modes), prod(self.hidden_modes))
+        return w[: self.num_embeddings, : self.embedding_dim]
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_modes={self.vocab_modes}, "
+                f"hidden_modes={self.hidden_modes}, ranks={self.ranks}")
+
+    def cost_ops(self, tokens: int, training: bool = False) -> list[Op]:
+        """One batched GEMM per core after the first over ``tokens`` looked-up rows (an upper bound: only
+        unique ids are computed)."""
+        itemsize = self.cores[0].element_size()
+        r, h = self.ranks, self.hidden_modes
+        ops = []
+        for k in range(1, len(h)):
+            m, kk, n = prod(h[:k]), r[k], h[k] * r[k + 1]
+            ops.append({"kind": "bmm", "batch": tokens, "m": m, "n": n, "k": kk, "flops": 2 * tokens * m * n * kk,
+                        "bytes": itemsize * tokens * (m * kk + kk * n + m * n), "stage": "run",
+                        "label": f"core {k}"})
+        return ops
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, vocab_modes: Sequence[int] | None = None,
+                       hidden_modes: Sequence[int] | None = None, max_rank: int | Sequence[int] | None = None,
+                       rel_error: float | None = None, num_cores: int = 3) -> TTEmbedding:
+        """TT-SVD of an embedding table; ``reconstruction_error`` holds the relative Frobenius error."""
+        if not isinstance(embedding, nn.Embedding):
+            raise UserError(f"TTEmbedding.from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
+        d = len(vocab_modes) if vocab_modes is not None else len(hidden_modes) if hidden_modes is not None \
+            else num_cores
+        vocab_modes = _resolve_modes(embedding.num_embeddings, vocab_modes, d)
+        hidden_modes = _resolve_modes(embedding.embedding_dim, hidden_modes, d)
+        validate_shape(embedding.num_embeddings, embedding.embedding_dim, vocab_modes, hidden_modes)
+        w = embedding.weight.detach()
+        padded = w.new_zeros(prod(vocab_modes), prod(hidden_modes))
+        padded[: embedding.num_embeddings, : embedding.embedding_dim] = w
+        cores, err = tt_svd(padded, vocab_modes, hidden_modes, max_rank, rel_error)
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, vocab_modes, hidden_modes,
+                    (1, *(c.shape[-1] for c in cores)), embedding.padding_idx, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for p, c in zip(layer.cores, cores, strict=True):
+                p.copy_(c)
+        layer.reconstruction_error = err
+        return layer
+

@@ -1,0 +1,151 @@
+"""Accuracy proxies: how much a candidate loses, judged without training it.
+
+- :class:`KDProxy` builds the candidate for real (``apply_plan`` on the SuperTransformer / teacher: inherited
+  weights, TT-SVD, quantization, N:M pruning) and measures, on a few calibration batches, the distillation
+  loss against the teacher (KL divergence of the softened outputs, Hinton et al. 2015) and the accuracy.
+  Seconds per candidate on MiniLM; it is the proxy whose agreement with post-distillation accuracy the
+  benchmark measures.
+- :class:`WeightErrorProxy` is the cheap, deterministic proxy: per layer, the relative squared Frobenius error
+  of the compressed weight against the full one — the energy of the slice a sub-network drops, then the
+  truncation error of the low-rank / TT-SVD factorisation, the rounding error of the bit width and the error
+  of N:M magnitude pruning, each measured once on the real weights and cached — averaged over the layers.
+  Milliseconds per candidate once its cache is warm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compress import apply_plan
+from ..layers.tt import tt_svd
+from .cost import spec_to_plan
+from .space import EMBEDDING_NAME, CandidateSpec, EncoderShape, LayerSpec
+
+
+def _rel_quant_error(w: torch.Tensor, bits: int) -> float:
+    """Relative squared error of symmetric per-row round-to-nearest at ``bits``."""
+    if bits >= 32:
+        return 0.0
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
+    q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
+    return float(((q - w) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
+
+
+def _rel_prune_error(w: torch.Tensor, sparsity: float, m: int = 4) -> float:
+    """Relative squared error of keeping the largest ``n`` of every ``m`` consecutive weights of a row."""
+    if sparsity <= 0:
+        return 0.0
+    n = max(1, round(m * (1 - sparsity)))
+    cols = w.shape[1] - w.shape[1] % m
+    blocks = w[:, :cols].reshape(w.shape[0], -1, m).abs()
+    dropped = torch.topk(blocks, m - n, dim=-1, largest=False).values
+    return float((dropped**2).sum() / (w**2).sum().clamp_min(1e-30))
+
+
+@dataclass
+class WeightErrorProxy:
+    """Mean relative weight error of a candidate's layers; ``weights`` maps module name -> dense weight
+    (``out x in``, as ``nn.Linear`` stores it; the embedding as ``vocab x hidden``)."""
+
+    weights: dict[str, torch.Tensor]
+    shape: EncoderShape
+    _cache: dict[tuple, float] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, shape: EncoderShape) -> WeightErrorProxy:
+        weights = {name: m.weight.detach().float().clone() for name, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, nn.Embedding)) and (name.startswith(shape.prefix)
+                                                                    or name.endswith(EMBEDDING_NAME))}
+        return cls(weights, shape)
+
+    def __call__(self, spec: CandidateSpec) -> dict[str, float]:
+        names = [n for n in self._all_site_names()
+                 if not n.endswith(EMBEDDING_NAME) or spec.embedding is not None]  # embedding only if searched
+        present = {x.name: x for x in spec.all_layers()}
+        total = sum(self._layer_error(present[n]) if n in present else 1.0 for n in names)
+        return {"proxy_loss": total / len(names)}
+
+    def _all_site_names(self) -> list[str]:
+        return [n for n in self.weights if n.startswith(self.shape.prefix) or n.endswith(EMBEDDING_NAME)]
+
+    def _slice(self, x: LayerSpec) -> torch.Tensor:
+        w = self.weights[x.name]
+        if x.name.endswith(EMBEDDING_NAME):
+            return w[: x.in_features, : x.out_features]  # vocab x hidden
+        return w[: x.out_features, : x.in_features]
+
+    def _layer_error(self, x: LayerSpec) -> float:
+        key = (x.name, x.in_features, x.out_features, x.format, x.rank, x.in_modes, x.out_modes, x.bits, x.sparsity)
+        if key not in self._cache:
+            full = self.weights[x.name]
+            part = self._slice(x)
+            kept = float((part**2).sum() / (full**2).sum().clamp_min(1e-30))
+            err = self._factor_error(x, part) + _rel_quant_error(part, x.bits) + _rel_prune_error(part, x.sparsity)
+            self._cache[key] = (1.0 - kept) + kept * min(1.0, err)
+        return self._cache[key]
+
+    def _factor_error(self, x: LayerSpec, part: torch.Tensor) -> float:
+        key = ("factor", x.name, tuple(part.shape), x.format, x.rank, x.in_modes, x.out_modes)
+        if key not in self._cache:
+            if x.format == "lowrank":
+                s = torch.linalg.svdvals(part.double())
+                self._cache[key] = float((s[x.rank:] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
+            elif x.format == "tt":
+                mat = part if x.name.endswith(EMBEDDING_NAME) else part.t()  # in x out
+                padded = torch.zeros(math.prod(x.in_modes), math.prod(x.out_modes), dtype=mat.dtype)
+                padded[: mat.shape[0], : mat.shape[1]] = mat
+                self._cache[key] = tt_svd(padded, x.in_modes, x.out_modes, max_rank=x.rank)[1] ** 2
+            else:
+                self._cache[key] = 0.0
+        return self._cache[key]
+
+
+class KDProxy:
+    """Distillation loss and accuracy of the built candidate on calibration batches (inherited weights)."""
+
+    def __init__(self, model: nn.Module, shape: EncoderShape, batches: Sequence[dict[str, torch.Tensor]],
+                 temperature: float = 2.0) -> None:
+        self.model, self.shape, self.batches, self.temperature = model.eval(), shape, list(batches), temperature
+        with torch.inference_mode():
+            self._teacher = [self._logits(model, b) for b in self.batches]
+
+    @staticmethod
+    def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        return (out.logits if hasattr(out, "logits") else out).float()
+
+    def __call__(self, spec: CandidateSpec) -> dict[str, float]:
+        student = apply_plan(self.model, spec_to_plan(spec, self.shape)).eval()
+        t = self.temperature
+        loss, correct, count = 0.0, 0, 0
+        with torch.inference_mode():
+            for batch, teacher in zip(self.batches, self._teacher, strict=True):
+                logits = self._logits(student, batch)
+                loss += float(F.kl_div(F.log_softmax(logits / t, -1), F.softmax(teacher / t, -1),
+                                       reduction="batchmean")) * t * t * len(logits)
+                if "labels" in batch:
+                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                count += len(logits)
+        out: dict[str, Any] = {"proxy_loss": max(0.0, loss / max(count, 1))}  # KL >= 0 up to rounding
+        if any("labels" in b for b in self.batches):
+            out["accuracy"] = correct / max(count, 1)
+        return out
+
+
+@dataclass
+class CombinedEvaluator:
+    """Cost metrics plus proxy metrics for one candidate: what a search's ``evaluate`` returns."""
+
+    cost: Any
+    proxy: Any
+
+    def __call__(self, spec: CandidateSpec) -> dict[str, float]:
+        return {**self.cost(spec), **self.proxy(spec)}

@@ -1,0 +1,395 @@
+"""The joint design space: sub-network architecture x per-layer {dense, low-rank, TT} x bits x HP sparsity.
+
+A candidate is encoded as a **gene**: a fixed-length tuple of small integers, one per decision, each an index
+into that decision's list of choices (:attr:`DesignSpace.genes`). Every tuple in the box
+``0 <= g[i] < cardinality[i]`` decodes to a valid :class:`CandidateSpec`, so uniform sampling, per-position
+mutation and uniform crossover (HAT, Wang et al. 2020, Sec. 3.3) never produce an invalid candidate:
+
+- decisions of layers beyond the chosen depth, and rank/shape/sparsity decisions a format does not use, are
+  ignored (and zeroed by :meth:`DesignSpace.canonical`, so equal candidates have equal genes);
+- a TT shape gene is taken modulo the number of tensorization shapes of the layer's *current* dimensions
+  (which depend on the elastic hidden and FFN sizes); a rank is clipped to what the shape admits.
+
+Device constraints enter twice: the supported formats, bit widths and sparsities restrict the choice lists
+(:class:`DeviceLimits`), and a cost check (weights must fit) rejects candidates at generation time
+(see :class:`fitformer.search.engine.Problem`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from ..layers.tensorize import bond_ranks, enumerate_shapes, tt_params
+
+FORMATS = ("dense", "lowrank", "tt")
+FLOAT_BITS = 32  # "not quantized"
+# Linear modules of one BERT encoder layer: (name suffix, in-dimension role, out-dimension role).
+LINEAR_SITES = (
+    ("attention.self.query", "hidden", "attn"),
+    ("attention.self.key", "hidden", "attn"),
+    ("attention.self.value", "hidden", "attn"),
+    ("attention.output.dense", "attn", "hidden"),
+    ("intermediate.dense", "hidden", "ffn"),
+    ("output.dense", "ffn", "hidden"),
+)
+EMBEDDING_NAME = "embeddings.word_embeddings"
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """What the space needs to know of a BERT-style encoder (the largest sub-network)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int
+    prefix: str = "bert.encoder.layer"
+    embedding_prefix: str = "bert"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_config(cls, config: Any, prefix: str = "bert.encoder.layer", embedding_prefix: str = "bert"
+                    ) -> EncoderShape:
+        """From a Hugging Face ``BertConfig`` (or any object with the same fields)."""
+        return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                   num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+                   vocab_size=config.vocab_size, prefix=prefix, embedding_prefix=embedding_prefix)
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What a target device supports: bit widths, HP sparsities and factorised formats it can run."""
+
+    bits: tuple[int, ...] = (32, 8, 4)
+    sparsities: tuple[float, ...] = (0.0, 0.5, 0.75)
+    formats: tuple[str, ...] = FORMATS
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """The choices of every dimension; ``None`` for an architecture list means "the full model only"."""
+
+    depths: tuple[int, ...] | None = None
+    hidden_sizes: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    ffn_sizes: tuple[int, ...] | None = None
+    formats: tuple[str, ...] = FORMATS
+    ranks: tuple[int, ...] = (8, 16, 32, 64)
+    tt_cores: int = 3
+    max_tt_shapes: int = 4
+    bits: tuple[int, ...] = (32, 8, 4)
+    sparsities: tuple[float, ...] = (0.0, 0.5, 0.75)
+    embedding: bool = True  # search the word embedding's format too
+
+    def validate(self) -> None:
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise UserError(f"unknown format(s) {bad}; choose from {', '.join(FORMATS)}")
+        if not self.ranks or min(self.ranks) < 1:
+            raise UserError("ranks must be a non-empty list of positive integers")
+        if self.tt_cores < 2:
+            raise UserError(f"tt_cores={self.tt_cores}: a TT-matrix needs at least 2 cores")
+        if not self.bits or any(b not in (2, 3, 4, 5, 6, 7, 8, 16, 32) for b in self.bits):
+            raise UserError(f"bits {self.bits}: use widths from 2..8, 16 or 32 (float)")
+        if not self.sparsities or any(not 0.0 <= s < 1.0 for s in self.sparsities):
+            raise UserError(f"sparsities {self.sparsities}: use fractions in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The sub-network: depth, hidden size and, per kept layer, heads and FFN width."""
+
+    num_layers: int
+    hidden_size: int
+    heads: tuple[int, ...]
+    ffn: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One weight's compression: format (+ rank / TT modes), bit width, HP sparsity."""
+
+    name: str
+    in_features: int
+    out_features: int
+    format: str = "dense"
+    rank: int = 0
+    in_modes: tuple[int, ...] = ()
+    out_modes: tuple[int, ...] = ()
+    bits: int = FLOAT_BITS
+    sparsity: float = 0.0
+
+    @property
+    def params(self) -> int:
+        """Exact stored weight count (bias excluded; non-zeros for a sparse dense weight)."""
+        if self.format == "lowrank":
+            return self.rank * (self.in_features + self.out_features)
+        if self.format == "tt":
+            return tt_params(self.in_modes, self.out_modes, tt_ranks(len(self.in_modes), self.rank,
+                                                                     self.in_modes, self.out_modes))
+        return round(self.in_features * self.out_features * (1.0 - self.sparsity))
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """A decoded candidate: plain data, hashable; :meth:`key` identifies equal plans."""
+
+    arch: ArchSpec
+    layers: tuple[LayerSpec, ...]
+    embedding: LayerSpec | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": asdict(self.arch), "layers": [asdict(x) for x in self.layers],
+                "embedding": None if self.embedding is None else asdict(self.embedding)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CandidateSpec:
+        arch = data["arch"]
+        arch = ArchSpec(arch["num_layers"], arch["hidden_size"], tuple(arch["heads"]), tuple(arch["ffn"]))
+
+        def layer(d: dict[str, Any]) -> LayerSpec:
+            return LayerSpec(**{**d, "in_modes": tuple(d["in_modes"]), "out_modes": tuple(d["out_modes"])})
+
+        emb = data.get("embedding")
+        return cls(arch, tuple(layer(d) for d in data["layers"]), None if emb is None else layer(emb))
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:32]
+
+    def all_layers(self) -> tuple[LayerSpec, ...]:
+        return self.layers + ((self.embedding,) if self.embedding is not None else ())
+
+    def weight_bytes(self) -> int:
+        """Bytes of the searched weights at their bit widths (values only; sparse indices are the
+        hardware model's business)."""
+        return sum(math.ceil(x.params * x.bits / 8) for x in self.all_layers())
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One decision: its name and the number of choices."""
+
+    name: str
+    choices: tuple[Any, ...]
+
+    @property
+    def cardinality(self) -> int:
+        return len(self.choices)
+
+
+def tt_ranks(d: int, rank: int, in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[int, ...]:
+    """Bond ranks (r_0 = r_d = 1) of a TT-matrix, each clipped to the largest rank its unfolding admits."""
+    return bond_ranks(in_modes, out_modes, rank)
+
+
+@lru_cache(maxsize=4096)
+def default_tt_shapes(in_features: int, out_features: int, d: int, limit: int) -> tuple[tuple[tuple[int, ...],
+                                                                                           tuple[int, ...]], ...]:
+    """Up to ``limit`` (in_modes, out_modes) tensorizations of a layer from
+    :func:`fitformer.layers.tensorize.enumerate_shapes`, most balanced first (smallest largest modes).
+    Dimensions that do not factor into ``d`` modes may be padded by up to 10% (the embedding's vocabulary)."""
+    shapes = enumerate_shapes(in_features, out_features, 16, num_cores=(d,), tokens=128)
+    if not shapes:
+        shapes = enumerate_shapes(in_features, out_features, 16, num_cores=(d,), tokens=128, max_pad=0.1)
+    pairs = sorted({(s.in_modes, s.out_modes) for s in shapes if min(s.in_modes + s.out_modes) >= 2},
+                   key=lambda p: (max(p[0]) * max(p[1]), p))  # balanced first (HEAT, Sec. 3)
+    return tuple(pairs[:limit])
+
+
+TTShapeFn = Callable[[int, int, int, int], Sequence[tuple[tuple[int, ...], tuple[int, ...]]]]
+
+
+@dataclass
+class DesignSpace:
+    """Gene layout and decoding for one encoder shape, space configuration and device."""
+
+    shape: EncoderShape
+    config: SpaceConfig = field(default_factory=SpaceConfig)
+    device: DeviceLimits = field(default_factory=DeviceLimits)
+    tt_shapes: TTShapeFn = default_tt_shapes
+
+    def __post_init__(self) -> None:
+        self.config.validate()
+        c, s = self.config, self.shape
+        self.depths = c.depths or (s.num_layers,)
+        self.hidden_sizes = c.hidden_sizes or (s.hidden_size,)
+        self.head_counts = c.heads or (s.num_heads,)
+        self.ffn_sizes = c.ffn_sizes or (s.intermediate_size,)
+        if max(self.depths) > s.num_layers or max(self.hidden_sizes) > s.hidden_size or \
+                max(self.head_counts) > s.num_heads or max(self.ffn_sizes) > s.intermediate_size:
+            raise UserError("the architecture choices exceed the model; keep depth, hidden, heads and FFN "
+                            "within the model's own sizes")
+        self.formats = tuple(f for f in c.formats if f in self.device.formats) or ("dense",)
+        self.bits = tuple(b for b in c.bits if b in self.device.bits)
+        self.sparsities = tuple(x for x in c.sparsities if x in self.device.sparsities) or (0.0,)
+        if not self.bits:
+            raise UserError(f"the device supports none of the searched bit widths {c.bits}; "
+                            f"it supports {self.device.bits}")
+        genes = [Gene("depth", self.depths), Gene("hidden", self.hidden_sizes)]
+        for layer in range(max(self.depths)):
+            genes += [Gene(f"L{layer}.heads", self.head_counts), Gene(f"L{layer}.ffn", self.ffn_sizes)]
+        self._site_names: list[str] = []
+        for layer in range(max(self.depths)):
+            for suffix, _, _ in LINEAR_SITES:
+                self._site_names.append(f"{s.prefix}.{layer}.{suffix}")
+        if c.embedding:
+            self._site_names.append(f"{s.embedding_prefix}.{EMBEDDING_NAME}")
+        for name in self._site_names:
+            genes += [Gene(f"{name}.format", self.formats), Gene(f"{name}.rank", c.ranks),
+                      Gene(f"{name}.shape", tuple(range(c.max_tt_shapes))), Gene(f"{name}.bits", self.bits),
+                      Gene(f"{name}.sparsity", self.sparsities)]
+        self.genes: tuple[Gene, ...] = tuple(genes)
+        self.cardinalities = np.array([g.cardinality for g in genes], dtype=np.int64)
+        self._arch_len = 2 + 2 * max(self.depths)
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    # ---- sampling and variation (always valid) ----
+    def sample(self, rng: np.random.Generator) -> tuple[int, ...]:
+        """A uniformly random gene."""
+        return self.canonical(rng.integers(0, self.cardinalities))
+
+    def mutate(self, genes: Sequence[int], rng: np.random.Generator, prob: float) -> tuple[int, ...]:
+        """Resample each position with probability ``prob`` (HAT's mutation)."""
+        g = np.asarray(genes, dtype=np.int64)
+        hit = rng.random(len(g)) < prob
+        g = np.where(hit, rng.integers(0, self.cardinalities), g)
+        return self.canonical(g)
+
+    def crossover(self, a: Sequence[int], b: Sequence[int], rng: np.random.Generator) -> tuple[int, ...]:
+        """Uniform crossover: each position from either parent with equal probability."""
+        pick = rng.random(len(a)) < 0.5
+        return self.canonical(np.where(pick, np.asarray(a), np.asarray(b)))
+
+    def canonical(self, genes: Sequence[int] | np.ndarray) -> tuple[int, ...]:
+        """Zero the positions that do not change the decoded candidate, so equal plans get equal genes."""
+        g = [int(x) for x in genes]
+        if len(g) != len(self.genes) or any(not 0 <= x < c for x, c in zip(g, self.cardinalities, strict=True)):
+            raise UserError(f"gene {g} does not fit this design space ({len(self.genes)} positions)")
+        depth = self.depths[g[0]]
+        for layer in range(depth, max(self.depths)):
+            g[2 + 2 * layer] = g[3 + 2 * layer] = 0
+        for k, name in enumerate(self._site_names):
+            base = self._arch_len + 5 * k
+            if self._site_layer(name) >= depth:
+                g[base:base + 5] = [0] * 5
+                continue
+            fmt = self.formats[g[base]]
+            if fmt == "dense":
+                g[base + 1] = g[base + 2] = 0
+                if self.sparsities[g[base + 4]] > 0 and FLOAT_BITS in self.bits:
+                    g[base + 3] = self.bits.index(FLOAT_BITS)  # the quant handler cannot wrap a SparseLinear yet
+            else:
+                g[base + 4] = 0  # HP sparsity applies to dense weights only
+                if fmt == "lowrank":
+                    g[base + 2] = 0
+                    if FLOAT_BITS in self.bits:  # the quant handler cannot wrap a LowRankLinear yet
+                        g[base + 3] = self.bits.index(FLOAT_BITS)
+                else:
+                    dims = self._site_dims(name, self._arch_of(g))
+                    shapes = self._shapes(*dims)
+                    if not shapes:  # the dimensions do not factor: fall back to low-rank when allowed
+                        g[base + 2] = 0
+                    else:
+                        g[base + 2] %= len(shapes)
+        return tuple(g)
+
+    # ---- decoding ----
+    def decode(self, genes: Sequence[int]) -> CandidateSpec:
+        """The candidate a gene stands for."""
+        g = self.canonical(genes)
+        arch = self._arch_of(g)
+        layers: list[LayerSpec] = []
+        embedding = None
+        for k, name in enumerate(self._site_names):
+            if self._site_layer(name) >= arch.num_layers:
+                continue
+            base = self._arch_len + 5 * k
+            fmt = self.formats[g[base]]
+            in_f, out_f = self._site_dims(name, arch)
+            rank = self.config.ranks[g[base + 1]] if fmt != "dense" else 0
+            in_modes: tuple[int, ...] = ()
+            out_modes: tuple[int, ...] = ()
+            if fmt == "tt":
+                shapes = self._shapes(in_f, out_f)
+                if shapes:
+                    in_modes, out_modes = shapes[g[base + 2]]
+                    rank = max(tt_ranks(len(in_modes), rank, in_modes, out_modes))
+                else:
+                    fmt = "lowrank" if "lowrank" in self.formats else "dense"
+            if fmt == "lowrank":
+                rank = min(rank, in_f, out_f)
+            if fmt == "dense":
+                rank = 0
+            spec = LayerSpec(name, in_f, out_f, fmt, rank, in_modes, out_modes, self.bits[g[base + 3]],
+                             self.sparsities[g[base + 4]] if fmt == "dense" else 0.0)
+            if name.endswith(EMBEDDING_NAME):
+                embedding = spec
+            else:
+                layers.append(spec)
+        return CandidateSpec(arch, tuple(layers), embedding)
+
+    def largest(self) -> tuple[int, ...]:
+        """The gene of the full, uncompressed model (the reference every candidate is compared with)."""
+        g = [0] * len(self.genes)
+        g[0] = self.depths.index(max(self.depths))
+        g[1] = self.hidden_sizes.index(max(self.hidden_sizes))
+        for layer in range(max(self.depths)):
+            g[2 + 2 * layer] = self.head_counts.index(max(self.head_counts))
+            g[3 + 2 * layer] = self.ffn_sizes.index(max(self.ffn_sizes))
+        for k in range(len(self._site_names)):
+            base = self._arch_len + 5 * k
+            g[base] = self.formats.index("dense") if "dense" in self.formats else 0
+            g[base + 3] = self.bits.index(max(self.bits))
+            g[base + 4] = self.sparsities.index(min(self.sparsities))
+        return self.canonical(g)
+
+    def size(self) -> float:
+        """Number of distinct genes (an upper bound on distinct candidates)."""
+        return float(np.prod(self.cardinalities.astype(float)))
+
+    # ---- helpers ----
+    def _arch_of(self, g: Sequence[int]) -> ArchSpec:
+        depth = self.depths[g[0]]
+        heads = tuple(self.head_counts[g[2 + 2 * i]] for i in range(depth))
+        ffn = tuple(self.ffn_sizes[g[3 + 2 * i]] for i in range(depth))
+        return ArchSpec(depth, self.hidden_sizes[g[1]], heads, ffn)
+
+    def _site_layer(self, name: str) -> int:
+        if name.endswith(EMBEDDING_NAME):
+            return -1
+        return int(name[len(self.shape.prefix) + 1:].split(".", 1)[0])
+
+    def _site_dims(self, name: str, arch: ArchSpec) -> tuple[int, int]:
+        if name.endswith(EMBEDDING_NAME):
+            return self.shape.vocab_size, arch.hidden_size
+        layer = self._site_layer(name)
+        suffix = name[len(self.shape.prefix) + 1:].split(".", 1)[1]
+        roles = {"hidden": arch.hidden_size, "attn": arch.heads[layer] * self.shape.head_dim,
+                 "ffn": arch.ffn[layer]}
+        for site, role_in, role_out in LINEAR_SITES:
+            if site == suffix:
+                return roles[role_in], roles[role_out]
+        raise KeyError(name)  # pragma: no cover - names come from LINEAR_SITES
+
+    def _shapes(self, in_f: int, out_f: int) -> Sequence[tuple[tuple[int, ...], tuple[int, ...]]]:
+        return self.tt_shapes(in_f, out_f, self.config.tt_cores, self.config.max_tt_shapes)
+
+
+def with_device(space: DesignSpace, device: DeviceLimits) -> DesignSpace:
+    """The same space restricted to another device's supported choices."""
+    return replace(space, device=device)

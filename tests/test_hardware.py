@@ -1,0 +1,342 @@
+"""Device catalog, spec validation, operator IR, analytic energy/EDP, cost models, predictor files, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from fitformer.cli import main
+from fitformer.compress import CompressionPlan, Keep, LayerPlan, ModelPlan
+from fitformer.errors import UserError
+from fitformer.hardware import (
+    AnalyticCostModel,
+    AnalyticModel,
+    Efficiency,
+    EncoderArch,
+    LinearCompression,
+    Op,
+    compression_from_plan,
+    get_device,
+    linear_ops,
+    load_catalog,
+    load_spec,
+    ops_from_config,
+    ops_from_module,
+)
+from fitformer.hardware.predictor import LatencyPredictor, fit_predictor, metrics
+from fitformer.hardware.spec import CATALOG_DIR, spec_from_dict
+from fitformer.models import load_classifier, tiny_bert_config
+
+# ----------------------------------------------------------------------------------------- catalog and specs
+
+
+def test_catalog_has_real_devices_from_low_to_high_end():
+    catalog = load_catalog()
+    assert len(catalog) >= 8
+    assert {s.kind for s in catalog.values()} == {"cpu", "gpu", "edge", "fpga"}
+    for spec in catalog.values():
+        for _name, value in spec:
+            figures = value.values() if isinstance(value, dict) else [value]
+            for fig in figures:
+                if hasattr(fig, "source"):
+                    assert fig.source.split(":")[0] in {"datasheet", "paper", "derived", "estimate", "measured"}
+    pi, h100 = catalog["raspberry-pi-4"], catalog["nvidia-h100-sxm5"]
+    assert h100.peak("fp32") > 1000 * pi.peak("fp32")
+
+
+def _catalog_dict(name: str = "nvidia-t4") -> dict:
+    return yaml.safe_load((CATALOG_DIR / f"{name}.yaml").read_text())
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "dev.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_user_device_file_loads(tmp_path):
+    data = _catalog_dict()
+    data["name"] = "my-t4"
+    spec = get_device(_write(tmp_path, data))
+    assert spec.name == "my-t4" and spec.peak("int8") == 130e12
+
+
+def test_missing_figure_names_field_and_file(tmp_path):
+    data = _catalog_dict()
+    del data["dram_bandwidth"]
+    path = _write(tmp_path, data)
+    with pytest.raises(UserError, match=r"dev\.yaml: field 'dram_bandwidth': missing"):
+        load_spec(path)
+
+
+def test_negative_figure_names_field(tmp_path):
+    data = _catalog_dict()
+    data["peak_flops"]["fp16"]["value"] = -1.0
+    with pytest.raises(UserError, match=r"dev\.yaml: field 'peak_flops\.fp16\.value'.*greater than or equal to 0"):
+        load_spec(_write(tmp_path, data))
+
+
+def test_figure_without_source_is_rejected(tmp_path):
+    data = _catalog_dict()
+    data["onchip_bytes"] = {"value": 1024}
+    with pytest.raises(UserError, match=r"field 'onchip_bytes\.source'"):
+        load_spec(_write(tmp_path, data))
+
+
+def test_unknown_dtype_names_field_and_type(tmp_path):
+    data = _catalog_dict()
+    data["peak_flops"]["fp12"] = {"value": 1.0, "source": "datasheet: made up"}
+    with pytest.raises(UserError, match=r"field 'peak_flops'.*unknown data type.*fp12"):
+        load_spec(_write(tmp_path, data))
+
+
+def test_unknown_device_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="not in the catalog"):
+        get_device("nvidia-z9000")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_spec(bad)
+
+
+# ----------------------------------------------------------------------------------------- analytic arithmetic
+
+
+def _toy_spec():
+    fig = lambda v: {"value": v, "source": "estimate: test"}  # noqa: E731
+    return spec_from_dict({
+        "name": "toy", "kind": "cpu", "peak_flops": {"fp32": fig(1e9)}, "dram_bandwidth": fig(1e9),
+        "onchip_bandwidth": fig(1e10), "onchip_bytes": fig(1e3), "dram_bytes": fig(1e9),
+        "launch_overhead_s": fig(1e-6), "static_power_w": fig(2.0), "max_power_w": fig(10.0),
+        "energy_pj_per_flop": {"fp32": fig(10.0)}, "energy_pj_per_dram_byte": fig(100.0),
+        "energy_pj_per_onchip_byte": fig(1.0), "relative_cost": fig(1.0)})
+
+
+def test_energy_and_edp_match_hand_computation():
+    model = AnalyticModel(_toy_spec(), Efficiency(gemm_frac=1.0, m_half=0.0, n_half=0.0, k_half=0.0, mem_frac=1.0))
+    op = Op("gemm", m=10, n=20, k=30, weight_bytes=30 * 20 * 4)
+    cost = model.estimate_ops([op])
+    # compute 2*10*20*30 = 12,000 FLOP at 1 GFLOP/s = 12 us; memory: 2,400 B weights + 2,000 B activations,
+    # both larger than the 1,000 B on chip -> DRAM at 1 GB/s = 4.4 us; latency = max + 1 us launch = 13 us
+    assert cost.latency_s == pytest.approx(13e-6)
+    # dynamic: 12,000 * 10 pJ + 4,400 B * 100 pJ = 0.56 uJ; static: 2 W * 13 us = 26 uJ
+    assert cost.energy_j == pytest.approx(0.56e-6 + 26e-6)
+    assert cost.edp == pytest.approx((0.56e-6 + 26e-6) * 13e-6)
+    assert not cost.weights_fit_on_chip and cost.supported
+    assert model.breakdown([op])[0].bound == "compute"
+
+
+def test_on_chip_weights_use_on_chip_bandwidth_and_energy():
+    model = AnalyticModel(_toy_spec(), Efficiency(gemm_frac=1.0, m_half=0, n_half=0, k_half=0, mem_frac=1.0))
+    op = Op("gemm", m=1, n=10, k=10, weight_bytes=400)  # 200 FLOP; 400 B weights + 80 B activations, all on chip
+    cost = model.estimate_ops([op])
+    assert cost.weights_fit_on_chip
+    assert cost.latency_s == pytest.approx(200 / 1e9 + 1e-6)
+    assert cost.energy_j == pytest.approx(200 * 10e-12 + 480 * 1e-12 + 2.0 * cost.latency_s)
+
+
+def test_unsupported_precision_is_flagged_and_emulated():
+    u200 = AnalyticModel(get_device("alveo-u200"))
+    fp32 = u200.estimate_ops(linear_ops(4096, 1024, 1024))
+    int8 = u200.estimate_ops(linear_ops(4096, 1024, 1024, LinearCompression(bits=8)))
+    assert not fp32.supported and int8.supported
+    assert fp32.latency_s > int8.latency_s
+
+
+# ----------------------------------------------------------------------------------------- operator IR
+
+
+def test_config_and_module_front_ends_agree_on_dense_bert():
+    config = tiny_bert_config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification(config).eval()
+    arch = EncoderArch.from_hf_config(config)
+    a = ops_from_config(arch, batch=2, seq_len=16)
+    b = ops_from_module(model, batch=2, seq_len=16)
+    gemm = lambda ops, kind: sum(o.flops for o in ops if o.kind == kind)  # noqa: E731
+    assert gemm(a, "gemm") == gemm(b, "gemm")
+    assert gemm(a, "bmm") == gemm(b, "bmm")
+    assert sum(o.weight_bytes for o in a if o.kind == "gemm") == sum(o.weight_bytes for o in b if o.kind == "gemm")
+    dispatch = lambda ops: sum(o.launches for o in ops if o.kind == "dispatch")  # noqa: E731
+    assert dispatch(a) == dispatch(b) == 5 + 6 * 2
+
+
+def test_module_front_end_uses_cost_ops():
+    class Custom(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+        def cost_ops(self, tokens):
+            return [Op("gemm", m=tokens, n=7, k=3, name="custom", tag="tt")]
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Custom())
+    ops = ops_from_module(model, example_input=torch.randn(5, 4))
+    work = [o for o in ops if o.kind != "dispatch"]
+    assert [o.name for o in work] == ["0", "custom"] and work[1].m == 5
+    assert [o.name for o in ops if o.kind == "dispatch"] == [".dispatch"]  # the Sequential's own call
+
+
+@settings(max_examples=40, deadline=None)
+@given(modes=st.lists(st.tuples(st.integers(2, 6), st.integers(2, 6)), min_size=2, max_size=4),
+       rank=st.integers(1, 8), tokens=st.integers(1, 64))
+def test_tt_ops_shapes(modes, rank, tokens):
+    ins, outs = tuple(m for m, _ in modes), tuple(n for _, n in modes)
+    comp = LinearCompression(factor="tt", tt_in_modes=ins, tt_out_modes=outs, tt_ranks=(rank,) * (len(ins) - 1))
+    ops = linear_ops(tokens, math.prod(ins), math.prod(outs), comp, name="tt")
+    gemms = [o for o in ops if o.kind == "gemm"]
+    assert len(gemms) == len(ins)
+    assert gemms[0].m * gemms[0].k == tokens * math.prod(ins)  # the input, viewed for core 0
+    assert gemms[-1].m * gemms[-1].n == tokens * math.prod(outs)  # the output of the last core
+    ranks = (1, *comp.tt_ranks, 1)
+    params = sum(r0 * m * n * r1 for m, n, r0, r1 in zip(ins, outs, ranks, ranks[1:], strict=False))
+    assert sum(o.weight_bytes for o in gemms) == params * 4
+
+
+def test_bad_compression_is_a_user_error():
+    with pytest.raises(UserError, match="do not multiply"):
+        linear_ops(4, 64, 64, LinearCompression(factor="tt", tt_in_modes=(4, 4), tt_out_modes=(8, 8), tt_ranks=(2,)))
+    with pytest.raises(UserError, match="sparsity"):
+        LinearCompression(sparsity=1.5)
+
+
+@dataclass(frozen=True)
+class _TT(LayerPlan):
+    kind: ClassVar[str] = "test-tt"
+    in_modes: tuple = (4, 8)
+    out_modes: tuple = (8, 8)
+    ranks: tuple = (1, 4, 1)
+
+
+@dataclass(frozen=True)
+class _Quant(LayerPlan):
+    kind: ClassVar[str] = "test-quant"
+    bits: int = 8
+
+
+@dataclass(frozen=True)
+class _Sub(ModelPlan):
+    kind: ClassVar[str] = "test-sub"
+    num_layers: int = 2
+    intermediate_size: int = 64
+
+
+def test_plan_translation_reads_plan_fields():
+    arch = EncoderArch(layers=4, hidden=32, heads=4, ffn=128)
+    plan = CompressionPlan(layers={"*.intermediate.dense": [_TT(), _Quant()], "classifier": [Keep()]},
+                           model_steps=[_Sub()])
+    new_arch, layers = compression_from_plan(arch, plan)
+    assert (new_arch.layers, new_arch.ffn) == (2, 64)
+    comp = layers["*.intermediate.dense"]
+    assert comp.factor == "tt" and comp.tt_ranks == (4,) and comp.bits == 8
+    model = AnalyticCostModel(AnalyticModel(get_device("nvidia-t4")), arch)
+    plain = model.estimate(None, (1, 16))
+    small = model.estimate(plan, (1, 16))
+    assert small.flops < plain.flops and small.weight_bytes < plain.weight_bytes
+    with pytest.raises(UserError, match="batch, seq_len"):
+        model.estimate(plan, (1,))
+
+
+def test_catalog_orders_devices_sensibly_on_minilm():
+    ops = ops_from_config(EncoderArch(layers=6, hidden=384, heads=12, ffn=1536), batch=1, seq_len=128)
+    lat = {n: AnalyticModel(s).estimate_ops(ops).latency_s for n, s in load_catalog().items()}
+    assert lat["nvidia-h100-sxm5"] < lat["nvidia-t4"] < lat["laptop-i7-1185g7"] < lat["raspberry-pi-4"]
+
+
+# ----------------------------------------------------------------------------------------- predictor
+
+
+def _synthetic(n: int, analytic: AnalyticModel, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    samples, latencies = [], []
+    for _ in range(n):
+        hidden = int(rng.choice([32, 64, 96]))
+        arch = EncoderArch(layers=int(rng.integers(1, 4)), hidden=hidden, heads=4, ffn=hidden * int(rng.integers(1, 4)))
+        comp = {"*.intermediate.dense": LinearCompression(bits=int(rng.choice([8, 32])))}
+        batch, seq = int(rng.choice([1, 4])), int(rng.choice([16, 32]))
+        ops = ops_from_config(arch, comp, batch=batch, seq_len=seq)
+        samples.append((ops, batch, seq))
+        latencies.append(analytic.latency_s(ops) * (1.3 + 0.1 * arch.layers))  # a smooth, learnable residual
+    return samples, latencies
+
+
+def test_predictor_fits_saves_and_checks_feature_version(tmp_path):
+    analytic = AnalyticModel(get_device("laptop-i7-1185g7"))
+    samples, latencies = _synthetic(60, analytic)
+    predictor = fit_predictor(samples[:45], latencies[:45], analytic, mlp_steps=200)
+    pred = predictor.predict(samples[45:])
+    assert metrics(pred, latencies[45:])["mape"] < 0.05
+    path = predictor.save(tmp_path / "pred.safetensors")
+    again = LatencyPredictor.load(path)
+    np.testing.assert_allclose(again.predict(samples[45:]), pred, rtol=1e-6)
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**meta, "feature_version": "ops0-pred0"})
+    with pytest.raises(UserError, match=r"old\.safetensors: field 'feature_version' is 'ops0-pred0'"):
+        LatencyPredictor.load(tmp_path / "old.safetensors")
+    with pytest.raises(UserError, match="no predictor file"):
+        LatencyPredictor.load(tmp_path / "missing.safetensors")
+
+
+def test_metrics_on_hand_example():
+    m = metrics([1.1, 2.0, 2.7], [1.0, 2.0, 3.0])
+    assert m["mape"] == pytest.approx((0.1 + 0 + 0.1) / 3)
+    assert m["kendall_tau"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------- profiler and CLI
+
+
+def test_profiler_measures_layers_and_caches(tiny_model_dir):
+    from fitformer.hardware.profiler import profile_model
+
+    model, _ = load_classifier(tiny_model_dir, num_labels=2)
+    first = profile_model(model, batch=1, seq_len=8, threads=1, repeats=3)
+    names = [row["name"] for row in first.layers]
+    assert "bert.embeddings" in names and "bert.encoder.layer.1" in names and "classifier" in names
+    assert first.total["mean_ms"] > 0 and not first.cached
+    second = profile_model(model, batch=1, seq_len=8, threads=1, repeats=3)
+    assert second.cached and second.total == first.total
+    with pytest.raises(UserError, match="backend"):
+        profile_model(model, backend="tvm")
+
+
+def test_cli_devices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["devices", "show", "nvidia-a100-sxm4-80gb", "--json"])
+    assert exit_info.value.code == 0
+    assert json.loads(capsys.readouterr().out)["peak_flops"]["fp16"]["value"] == 312e12
+    with pytest.raises(SystemExit) as exit_info:
+        main(["devices", "show", "nope"])
+    assert exit_info.value.code == 2
+    assert "not in the catalog" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["devices", "list", "--json"])
+    assert exit_info.value.code == 0 and len(json.loads(capsys.readouterr().out)) >= 8
+
+
+def test_plain_dict_steps_from_layers_become_ops():
+    class DictSteps(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+        def cost_ops(self, tokens):
+            return [{"kind": "gemm", "batch": 1, "m": tokens, "n": 16, "k": 8, "label": "core 0"},
+                    {"kind": "copy", "batch": 1, "m": tokens * 16, "n": 1, "k": 1, "label": "permute"}]
+
+    ops = [o for o in ops_from_module(DictSteps(), example_input=torch.randn(3, 8)) if o.kind != "dispatch"]
+    assert [(o.kind, o.m, o.n, o.k) for o in ops] == [("gemm", 3, 16, 8), ("elementwise", 48, 1, 1)]
+    assert ops[0].weight_bytes == 8 * 16 * 4 and ops[1].flops == 0 and ops[0].name == ".core 0"

@@ -1,0 +1,121 @@
+"""Quantized TT layers: 4-bit cores per core slice, 8-bit intermediates, freezing, packed files, ONNX."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import BertForSequenceClassification
+
+from fitformer.compress import CompressionPlan, apply_plan
+from fitformer.compress.quant import QuantPlan, calibrate, freeze, quantize
+from fitformer.compress.tt import TTEmbeddingPlan, TTPlan
+from fitformer.errors import UserError
+from fitformer.export.onnx_quant import compare_with_torch, export_quantized_onnx, ort_session
+from fitformer.export.quantized import load_quantized, save_quantized
+from fitformer.layers.quant import CORE_AXIS, QuantTTEmbedding, QuantTTLinear
+from fitformer.layers.tt import TTEmbedding, TTLinear
+from fitformer.models.tiny import tiny_bert_config
+
+SPEC = {"TTLinear": QuantPlan(4, 8), "TTEmbedding": QuantPlan(4, 8), "Linear": QuantPlan(8, 8)}
+
+
+@pytest.fixture(scope="module")
+def tt_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    dense = BertForSequenceClassification(tiny_bert_config()).eval()
+    plan = CompressionPlan(layers={
+        "*.intermediate.dense": [TTPlan((4, 8), (8, 8), max_rank=4, num_cores=2)],
+        "*.output.dense": [TTPlan((8, 8), (4, 8), max_rank=4, num_cores=2)],
+        "bert.embeddings.word_embeddings": [TTEmbeddingPlan(max_rank=8, num_cores=2)],
+    })
+    model = apply_plan(dense, plan)
+    model.fitformer_plans = [plan.to_dict()]
+    return model
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 128, (4, 12), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+def _ready(model: nn.Module) -> nn.Module:
+    q = quantize(model, SPEC)
+    calibrate(q, [_batch(1), _batch(2)])
+    return q
+
+
+def test_tt_layers_get_quantized_cores_and_intermediates(tt_classifier):
+    q = _ready(tt_classifier)
+    layer = q.bert.encoder.layer[0].intermediate.dense
+    emb = q.bert.embeddings.word_embeddings
+    assert isinstance(layer, QuantTTLinear) and isinstance(layer, TTLinear)
+    assert isinstance(emb, QuantTTEmbedding) and isinstance(emb, TTEmbedding)
+    for core, quantizer in zip(layer.cores, layer.core_quant, strict=True):
+        assert quantizer.bits == 4 and quantizer.scale.shape[CORE_AXIS] == core.shape[CORE_AXIS]
+        assert quantizer.scale.numel() == core.shape[CORE_AXIS]  # one step size per core slice
+    assert layer.intermediate_quant.bits == 8 and layer.input_quant is not None
+    assert emb.input_quant is None and emb.intermediate_quant.bits == 8
+    # the cores forward uses are on their 4-bit grids
+    for core, quantizer in zip(layer.effective_cores(), layer.core_quant, strict=True):
+        codes = core.detach() / quantizer.scale.detach()
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
+    assert not any(isinstance(m, (TTLinear, TTEmbedding)) and not isinstance(m, (QuantTTLinear, QuantTTEmbedding))
+                   for m in q.modules())
+
+
+def test_intermediates_pass_through_the_quantizer(tt_classifier):
+    q = _ready(tt_classifier)
+    layer = q.bert.encoder.layer[0].intermediate.dense
+    seen = []
+    handle = layer.intermediate_quant.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    with torch.no_grad():
+        layer(torch.randn(5, 32))
+    handle.remove()
+    assert seen
+    q8 = layer.intermediate_quant
+    for out in seen:
+        codes = out / q8.scale + torch.round(q8.zero_point)
+        assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+def test_tt_gradients_reach_cores_and_scales(tt_classifier):
+    q = _ready(tt_classifier).train()
+    q(**_batch(3)).logits.pow(2).sum().backward()
+    layer = q.bert.encoder.layer[1].output.dense
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in layer.cores)
+    assert all(qz.scale.grad is not None for qz in layer.core_quant)
+    assert layer.intermediate_quant.scale.grad is not None
+    assert all(c.grad is not None for c in q.bert.embeddings.word_embeddings.cores)
+
+
+def test_tt_freeze_save_load_bit_identical(tt_classifier, tmp_path):
+    q = _ready(tt_classifier)
+    frozen = freeze(q)
+    batch = _batch(7)
+    with torch.no_grad():
+        ref, got = q(**batch).logits, frozen(**batch).logits
+    assert torch.equal(ref, got)
+    path = tmp_path / "tt.safetensors"
+    save_quantized(frozen, path)
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert "bert.encoder.layer.0.intermediate.dense.core_int_0.packed" in keys
+    assert not any(".cores." in k for k in keys)  # float cores are derived from the codes, not stored
+    loaded = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(got, loaded(**batch).logits)
+
+
+def test_tt_onnx_matches(tt_classifier, tmp_path):
+    frozen = freeze(_ready(tt_classifier))
+    export_quantized_onnx(frozen, tmp_path / "tt.onnx")
+    gap = compare_with_torch(frozen, ort_session(tmp_path / "tt.onnx", threads=1), [_batch(s) for s in range(3)])
+    assert gap["max_abs_diff"] <= 1e-2 and gap["prediction_agreement"] == 1.0
+
+
+def test_tt_type_in_spec_without_tt_layers_is_an_error():
+    dense = BertForSequenceClassification(tiny_bert_config()).eval()
+    with pytest.raises(UserError, match="no such layer"):
+        quantize(dense, {"TTLinear": QuantPlan(4, 8)})

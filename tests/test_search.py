@@ -1,0 +1,360 @@
+"""Search: Pareto utilities, the design space's encoding, algorithms, run store and resumption, parallel
+evaluation and device selection, on a small space with an analytic synthetic objective."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fitformer.errors import UserError
+from fitformer.search import (
+    DesignSpace,
+    DeviceLimits,
+    EncoderShape,
+    EvolutionConfig,
+    NSGA2Config,
+    Problem,
+    RunStore,
+    Session,
+    SpaceConfig,
+    crowding_distance,
+    dominates,
+    evolution_front,
+    hypervolume,
+    non_dominated_sort,
+    nsga2,
+    optuna_nsga2,
+    random_search,
+)
+from fitformer.search.parallel import make_executor
+from fitformer.search.random_search import exhaustive
+from fitformer.search.select import select_device
+
+HERE = Path(__file__).resolve().parent
+SHAPE = EncoderShape(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=128)
+
+
+def small_space(**overrides) -> DesignSpace:
+    config = dict(depths=(1, 2), heads=(2, 4), ffn_sizes=(32, 64), ranks=(2, 4, 8), tt_cores=2, max_tt_shapes=2,
+                  bits=(32, 8, 4), sparsities=(0.0, 0.5), embedding=False)
+    config.update(overrides)
+    return DesignSpace(SHAPE, SpaceConfig(**config))
+
+
+def synthetic_cost(spec, speed: float = 1.0) -> dict[str, float]:
+    """Latency from stored weight bits plus per-layer overhead; a device runs ``speed`` times faster."""
+    work = sum(x.params * max(x.bits, 8) / 32 + 50 * (2 if x.format == "tt" else 1) for x in spec.layers)
+    return {"latency_ms": work / 1000 / speed, "size_bytes": float(spec.weight_bytes())}
+
+
+def synthetic_loss(spec) -> float:
+    """A loss that grows with compression: fewer parameters, fewer bits and more zeros cost accuracy."""
+    loss = 0.05 * (2 - spec.arch.num_layers)
+    for x in spec.layers:
+        dense = x.in_features * x.out_features
+        loss += 0.3 * (1 - min(1.0, x.params / dense)) ** 2 + {32: 0.0, 8: 0.01, 4: 0.08}[x.bits]
+        loss += 0.1 * x.sparsity ** 2
+    return loss
+
+
+def synthetic_metrics(spec, speed: float = 1.0) -> dict[str, float]:
+    loss = synthetic_loss(spec)
+    return {**synthetic_cost(spec, speed), "proxy_loss": loss, "accuracy": 0.9 - 0.1 * loss}
+
+
+def problem(space: DesignSpace | None = None, evaluate=synthetic_metrics, **kw) -> Problem:
+    return Problem(space or small_space(), synthetic_cost, evaluate, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ pareto
+points_2d = st.lists(st.tuples(st.floats(0, 10, allow_nan=False), st.floats(0, 10, allow_nan=False)),
+                     min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(points_2d)
+def test_fronts_partition_and_order(points):
+    fronts = non_dominated_sort(points)
+    assert sorted(i for f in fronts for i in f) == list(range(len(points)))
+    rank = {i: r for r, f in enumerate(fronts) for i in f}
+    for i in range(len(points)):
+        for j in range(len(points)):
+            if dominates(points[i], points[j]):
+                assert rank[i] < rank[j]
+    for f in fronts:  # members of one front never dominate each other
+        assert not any(dominates(points[i], points[j]) for i in f for j in f)
+
+
+@settings(max_examples=60, deadline=None)
+@given(points_2d, st.tuples(st.floats(0, 10), st.floats(0, 10)))
+def test_hypervolume_matches_optuna_and_grows(points, extra):
+    optuna_hv = pytest.importorskip("optuna._hypervolume").compute_hypervolume
+    ref = np.array([11.0, 11.0])
+    arr = np.array(points)
+    assert hypervolume(arr, ref) == pytest.approx(optuna_hv(arr, ref), rel=1e-9, abs=1e-9)
+    assert hypervolume(np.vstack([arr, extra]), ref) >= hypervolume(arr, ref) - 1e-12
+
+
+def test_hypervolume_hand_example_and_3d():
+    assert hypervolume([[1, 3], [2, 2], [3, 1]], [4, 4]) == pytest.approx(6.0)
+    assert hypervolume([[5, 5]], [4, 4]) == 0.0
+    assert hypervolume([[1, 1, 1]], [2, 3, 4]) == pytest.approx(6.0)
+
+
+def test_crowding_distance_boundaries_infinite():
+    d = crowding_distance([[0, 4], [1, 2], [2, 1], [4, 0]])
+    assert np.isinf(d[0]) and np.isinf(d[3]) and np.all(np.isfinite(d[1:3]))
+
+
+# ------------------------------------------------------------------------------------------------ space
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_every_gene_decodes_valid_and_variation_keeps_it_valid(seed):
+    space = DesignSpace(EncoderShape(6, 384, 12, 1536, 30522),
+                        SpaceConfig(depths=(2, 4, 6), hidden_sizes=(192, 384), heads=(4, 8, 12),
+                                    ffn_sizes=(384, 768, 1536)))
+    rng = np.random.default_rng(seed)
+    a, b = space.sample(rng), space.sample(rng)
+    for g in (a, space.mutate(a, rng, 0.3), space.crossover(a, b, rng)):
+        assert space.canonical(g) == g  # canonical is idempotent
+        assert all(0 <= x < c for x, c in zip(g, space.cardinalities, strict=True))
+        spec = space.decode(g)
+        assert len(spec.layers) == 6 * spec.arch.num_layers
+        for x in spec.all_layers():
+            if x.format == "tt":
+                assert math.prod(x.in_modes) >= x.in_features and math.prod(x.out_modes) >= x.out_features
+                assert x.rank >= 1
+            if x.format != "dense":
+                assert x.sparsity == 0.0
+            assert x.params > 0
+        assert type(spec).from_dict(spec.to_dict()) == spec
+        assert space.decode(g).key() == spec.key()
+
+
+def test_largest_is_the_dense_model_and_inactive_genes_do_not_matter():
+    space = small_space()
+    spec = space.decode(space.largest())
+    assert spec.arch.num_layers == 2 and all(x.format == "dense" and x.bits == 32 for x in spec.layers)
+    assert spec.weight_bytes() == 4 * sum(x.in_features * x.out_features for x in spec.layers)
+    g = list(space.largest())
+    g[0] = space.depths.index(1)
+    changed = list(g)
+    changed[5] = 1 - changed[5]  # layer 1's FFN width: inactive at depth 1
+    assert space.decode(g).key() == space.decode(changed).key()
+
+
+def test_device_limits_restrict_choices_and_bad_config_is_user_error():
+    space = DesignSpace(SHAPE, SpaceConfig(bits=(32, 8, 4)), DeviceLimits(bits=(32, 8), sparsities=(0.0,)))
+    assert space.bits == (32, 8) and space.sparsities == (0.0,)
+    with pytest.raises(UserError):
+        DesignSpace(SHAPE, SpaceConfig(bits=(4,)), DeviceLimits(bits=(32,)))
+    with pytest.raises(UserError):
+        SpaceConfig(formats=("cp",)).validate()
+    with pytest.raises(UserError):
+        DesignSpace(SHAPE, SpaceConfig(depths=(3,)))
+
+
+# ------------------------------------------------------------------------------------------------ algorithms
+ALGORITHMS = {
+    "random": lambda s, seed: random_search(s, seed=seed, batch_size=8),
+    "nsga2": lambda s, seed: nsga2(s, seed=seed, config=NSGA2Config(population=8)),
+    "evolution": lambda s, seed: evolution_front(s, [1.5, 3.0, None], seed=seed,
+                                                 config=EvolutionConfig(population=8, parents=3, mutations=3,
+                                                                        crossovers=3)),
+    "optuna_nsga2": lambda s, seed: optuna_nsga2(s, seed=seed, population=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_algorithms_are_deterministic_within_budget_and_never_repeat(name):
+    if name == "optuna_nsga2":
+        pytest.importorskip("optuna")
+    runs = []
+    for _ in range(2):
+        result = ALGORITHMS[name](Session(problem(), budget=40), 3)
+        keys = [c.key for c in result.history]
+        assert len(keys) == len(set(keys)) == result.evaluated_now <= 40
+        assert len(keys) >= 30
+        runs.append(keys)
+    assert runs[0] == runs[1]
+    other = [c.key for c in ALGORITHMS[name](Session(problem(), budget=40), 4).history]
+    assert other != runs[0]
+
+
+def test_evolution_respects_its_latency_constraint():
+    session = Session(problem(), budget=30)
+    from fitformer.search import evolution
+
+    evolution(session, max_latency=1.5, seed=0, config=EvolutionConfig(population=6, parents=2, mutations=3,
+                                                                       crossovers=3))
+    assert session.history and all(c.metrics["latency_ms"] <= 1.5 for c in session.history)
+
+
+def test_hard_limits_reject_candidates_before_evaluation():
+    seen = []
+
+    def evaluate(spec):
+        seen.append(spec)
+        return synthetic_metrics(spec)
+
+    limit = 0.4 * synthetic_cost(small_space().decode(small_space().largest()))["size_bytes"]
+    result = nsga2(Session(problem(evaluate=evaluate, limits={"size_bytes": limit}), budget=30), seed=1,
+                   config=NSGA2Config(population=8))
+    assert seen and all(synthetic_cost(s)["size_bytes"] <= limit for s in seen)
+    assert len(result.history) == len(seen)
+
+
+def test_front_is_non_dominated_subset():
+    result = nsga2(Session(problem(), budget=40), seed=0, config=NSGA2Config(population=8))
+    front = result.front
+    pts = [c.objectives(result.objectives) for c in result.history]
+    for c in front:
+        assert not any(dominates(p, c.objectives(result.objectives)) for p in pts)
+
+
+# ------------------------------------------------------------------------------------------------ store, resume
+def test_store_serves_repeats_and_checks_settings(tmp_path):
+    calls = []
+
+    def evaluate(spec):
+        calls.append(spec.key())
+        return synthetic_metrics(spec)
+
+    with RunStore(tmp_path / "run.sqlite") as store:
+        store.check_meta({"seed": 0})
+        first = random_search(Session(problem(evaluate=evaluate), 20, store=store), seed=0, batch_size=8)
+    with RunStore(tmp_path / "run.sqlite") as store:
+        again = random_search(Session(problem(evaluate=evaluate), 20, store=store), seed=0, batch_size=8)
+        assert len(store) == 20
+        with pytest.raises(UserError):
+            store.check_meta({"seed": 1})
+    assert len(calls) == 20 and again.evaluated_now == 0
+    assert [c.key for c in again.history] == [c.key for c in first.history]
+    assert [c.metrics for c in again.history] == [c.metrics for c in first.history]
+
+
+def logged_evaluate(log: str, delay: float):
+    """An evaluation that takes ``delay`` seconds and logs each completed candidate (a kill mid-way through
+    one loses it, and the resumed run must redo it)."""
+    def evaluate(spec):
+        time.sleep(delay)
+        with open(log, "a") as handle:
+            handle.write(spec.key() + "\n")
+        return synthetic_metrics(spec)
+    return evaluate
+
+
+def run_logged_search(store_path: str, log: str, delay: float = 0.0) -> list[str]:
+    """The search the resume test kills (also run in a child process)."""
+    with RunStore(store_path) as store:
+        result = nsga2(Session(problem(evaluate=logged_evaluate(log, delay)), 60, store=store), seed=5,
+                       config=NSGA2Config(population=10))
+    return [c.key for c in result.history]
+
+
+def test_killed_search_resumes_without_evaluating_anything_twice(tmp_path):
+    store, log = tmp_path / "run.sqlite", tmp_path / "calls.log"
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_search as t; "
+            f"t.run_logged_search({str(store)!r}, {str(log)!r}, 0.05)")
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(HERE)})
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if store.exists() and len(RunStore(store)) >= 15:
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done_before = len(RunStore(store))
+    assert 15 <= done_before < 60
+    resumed = run_logged_search(str(store), str(log))
+    calls = log.read_text().split()
+    assert len(calls) == len(set(calls)) == 60  # every candidate evaluated exactly once across the kill
+    assert resumed == run_logged_search(str(tmp_path / "fresh.sqlite"), str(tmp_path / "fresh.log"))
+
+
+# ------------------------------------------------------------------------------------------------ parallel
+def test_worker_processes_give_the_serial_result():
+    serial = nsga2(Session(problem(), 40), seed=2, config=NSGA2Config(population=8))
+    executor = make_executor(synthetic_metrics, workers=2)
+    try:
+        parallel = nsga2(Session(problem(), 40, executor=executor), seed=2, config=NSGA2Config(population=8))
+    finally:
+        executor.close()
+    assert [(c.key, c.metrics) for c in parallel.history] == [(c.key, c.metrics) for c in serial.history]
+
+
+def test_ray_backend_gives_the_serial_result():
+    ray = pytest.importorskip("ray")
+    serial = random_search(Session(problem(), 16), seed=2, batch_size=8)
+    # a local instance whose workers can import this test module (the evaluator lives here)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}})
+    executor = make_executor(synthetic_metrics, workers=2, backend="ray")
+    try:
+        parallel = random_search(Session(problem(), 16, executor=executor), seed=2, batch_size=8)
+    finally:
+        ray.shutdown()
+    assert [(c.key, c.metrics) for c in parallel.history] == [(c.key, c.metrics) for c in serial.history]
+
+
+def test_bad_backend_and_workers_are_user_errors():
+    with pytest.raises(UserError):
+        make_executor(synthetic_metrics, backend="slurm")
+    with pytest.raises(UserError):
+        make_executor(synthetic_metrics, workers=0)
+
+
+# ------------------------------------------------------------------------------------------------ device selection
+# name -> (relative cost, speed): the cheap devices are slow
+DEVICES = {"slow": (1.0, 0.5), "medium": (3.0, 1.0), "fast": (10.0, 4.0)}
+
+
+def tiny_space() -> DesignSpace:
+    """256 genes: heads, FFN width and the bits of six linears of a one-layer model."""
+    return small_space(depths=(1,), formats=("dense",), ranks=(2,), max_tt_shapes=1, bits=(32, 8),
+                       sparsities=(0.0,))
+
+
+def brute_force(max_latency: float, min_accuracy: float) -> str | None:
+    space = tiny_space()
+    specs = {}
+    for genes in np.ndindex(*space.cardinalities):
+        spec = space.decode(genes)
+        specs[spec.key()] = spec
+    ok = []
+    for name, (cost, speed) in DEVICES.items():
+        metrics = [synthetic_metrics(s, speed) for s in specs.values()]
+        if any(m["latency_ms"] <= max_latency and m["accuracy"] >= min_accuracy for m in metrics):
+            ok.append((cost, name))
+    return min(ok)[1] if ok else None
+
+
+def exhaustive_search(name: str):
+    speed = DEVICES[name][1]
+    prob = Problem(tiny_space(), lambda s: synthetic_cost(s, speed), lambda s: synthetic_metrics(s, speed))
+    return exhaustive(Session(prob, budget=10**6))
+
+
+# slow, medium, fast, nothing (accuracy binds), nothing (latency binds)
+@pytest.mark.parametrize("max_latency,min_accuracy",
+                         [(3.0, 0.889), (3.0, 0.892), (2.0, 0.895), (2.0, 0.898), (0.3, 0.85)])
+def test_select_device_matches_brute_force(max_latency, min_accuracy):
+    selection = select_device([(n, c) for n, (c, _) in DEVICES.items()], exhaustive_search, max_latency,
+                              min_accuracy)
+    assert selection.device == brute_force(max_latency, min_accuracy)
+    assert len(selection.outcomes) == 3
+    for o in selection.outcomes:
+        assert o.feasible == (o.reason == "")
+    if selection.device is None:
+        assert selection.binding in ("latency", "accuracy", "both")
+        assert all(o.best is not None and o.reason for o in selection.outcomes)

@@ -1,0 +1,35 @@
+"""The search's bridge to real models: candidate -> CompressionPlan -> apply_plan, and the proxies."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fitformer.compress import apply_plan
+from fitformer.hardware import get_device
+from fitformer.models import load_classifier
+from fitformer.search import DesignSpace, EncoderShape, SpaceConfig
+from fitformer.search.cost import AnalyticCost, device_limits, spec_to_plan
+from fitformer.search.proxy import KDProxy, WeightErrorProxy
+
+
+def test_candidates_build_and_proxies_rank_the_dense_model_first(tiny_model_dir):
+    net, _ = load_classifier(tiny_model_dir, num_labels=2)
+    shape = EncoderShape.from_config(net.config)
+    space = DesignSpace(shape, SpaceConfig(depths=(1, 2), heads=(2, 4), ffn_sizes=(32, 64), ranks=(2, 4),
+                                           tt_cores=2, max_tt_shapes=2, bits=(32, 8), sparsities=(0.0, 0.5),
+                                           embedding=False))
+    ids = torch.randint(5, net.config.vocab_size, (8, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(8) % 2}
+    kd, weights = KDProxy(net, shape, [batch]), WeightErrorProxy.from_model(net, shape)
+    dense = space.decode(space.largest())
+    assert kd(dense)["proxy_loss"] < 1e-6 and weights(dense)["proxy_loss"] == 0.0
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        spec = space.decode(space.sample(rng))
+        model = apply_plan(net, spec_to_plan(spec, shape))
+        assert model.bert.config.num_hidden_layers == spec.arch.num_layers or len(model.bert.encoder.layer) == \
+            spec.arch.num_layers
+        assert kd(spec)["proxy_loss"] >= 0.0 and 0.0 < weights(spec)["proxy_loss"] <= 1.0
+    cost = AnalyticCost(get_device("raspberry-pi-4"), shape, (1, 16))
+    assert cost(dense)["latency_ms"] > 0 and device_limits(get_device("raspberry-pi-4")).bits[0] == 32

@@ -1,0 +1,245 @@
+"""TT-matrix layers: exactness of TT-SVD, formulas against counted values, every execution equal, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fitformer.errors import UserError
+from fitformer.layers import (
+    LowRankLinear,
+    Planner,
+    TTEmbedding,
+    TTLinear,
+    bond_ranks,
+    enumerate_shapes,
+    full_ranks,
+    tt_flops,
+    tt_params,
+    tt_svd,
+)
+from fitformer.layers.planner import TTSpec, execution_ops, prepare, run
+from fitformer.layers.tensorize import chain_ops
+
+MODEL_PLANNER = Planner(measure=False)
+
+
+@st.composite
+def tt_shapes(draw, max_cores: int = 4, max_mode: int = 4):
+    d = draw(st.integers(2, max_cores))
+    in_modes = tuple(draw(st.lists(st.integers(1, max_mode), min_size=d, max_size=d)))
+    out_modes = tuple(draw(st.lists(st.integers(1, max_mode), min_size=d, max_size=d)))
+    inner = draw(st.lists(st.integers(1, 6), min_size=d - 1, max_size=d - 1))
+    return in_modes, out_modes, bond_ranks(in_modes, out_modes, inner)
+
+
+def random_cores(in_modes, out_modes, ranks, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(ranks[k], i, o, ranks[k + 1], generator=g, dtype=dtype)
+            for k, (i, o) in enumerate(zip(in_modes, out_modes, strict=True))]
+
+
+def dense_of(cores, in_modes, out_modes):
+    """Reference: contract all cores with one einsum, independent of the planner's code."""
+    w = cores[0]
+    for c in cores[1:]:
+        w = torch.einsum("aiob,bjpc->aijopc", w, c).reshape(1, w.shape[1] * c.shape[1], w.shape[2] * c.shape[2], -1)
+    return w.reshape(math.prod(in_modes), math.prod(out_modes))
+
+
+@settings(max_examples=15, deadline=None)
+@given(tt_shapes(), st.integers(0, 3), st.integers(0, 3))
+def test_full_rank_tt_svd_reproduces_dense(shape, pad_in, pad_out):
+    in_modes, out_modes, _ = shape
+    n_in, n_out = math.prod(in_modes), math.prod(out_modes)
+    lin = nn.Linear(max(1, n_in - pad_in), max(1, n_out - pad_out)).double()
+    tt = TTLinear.from_linear(lin, in_modes, out_modes, planner=MODEL_PLANNER)
+    assert tt.reconstruction_error < 1e-10
+    assert tt.ranks[1:-1] <= full_ranks(in_modes, out_modes)[1:-1]
+    x = torch.randn(5, lin.in_features, dtype=torch.float64)
+    torch.testing.assert_close(tt(x), lin(x), rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(tt(x), lin(x), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(tt_shapes(), st.integers(1, 9))
+def test_every_execution_gives_the_same_output(shape, tokens):
+    in_modes, out_modes, ranks = shape
+    spec = TTSpec(math.prod(in_modes), math.prod(out_modes), in_modes, out_modes, ranks)
+    cores = random_cores(in_modes, out_modes, ranks)
+    x = torch.randn(tokens, spec.in_features, dtype=torch.float64)
+    expected = x @ dense_of(cores, in_modes, out_modes)
+    chosen = MODEL_PLANNER.plan(spec, tokens, torch.float64)
+    for training in (False, True):
+        for exe in MODEL_PLANNER.candidates(spec, tokens, training) + [chosen]:
+            y = run(exe, x, prepare(exe, spec, cores), spec)
+            torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9, msg=exe.describe())
+
+
+@settings(max_examples=15, deadline=None)
+@given(tt_shapes(), st.integers(1, 7))
+def test_param_and_flop_formulas_match_counted_values(shape, tokens):
+    in_modes, out_modes, ranks = shape
+    tt = TTLinear(math.prod(in_modes), math.prod(out_modes), in_modes, out_modes, ranks, bias=False,
+                  planner=MODEL_PLANNER, dtype=torch.float64)
+    assert tt_params(in_modes, out_modes, ranks) == sum(p.numel() for p in tt.parameters())
+    spec, cores = tt.spec, list(tt.cores)
+    x = torch.randn(tokens, spec.in_features, dtype=torch.float64)
+    for direction in ("rtl", "ltr"):
+        exe = next(e for e in MODEL_PLANNER.candidates(spec, tokens, False)
+                   if e.kind == "chain" and e.direction == direction and len(e.groups) == len(in_modes))
+        operands = prepare(exe, spec, cores)
+        with FlopCounterMode(display=False) as counter:
+            run(exe, x, operands, spec)
+        assert counter.get_total_flops() == tt_flops(in_modes, out_modes, ranks, tokens, direction)
+        run_ops = [op for op in execution_ops(exe, spec, tokens, 8) if op["stage"] == "run"]
+        assert sum(op["flops"] for op in run_ops) == counter.get_total_flops()
+    # the layer's own report agrees with what its forward counts (core work cached by the first call)
+    with torch.no_grad():
+        tt(x)
+        with FlopCounterMode(display=False) as counter:
+            tt(x)
+    assert tt.flops(tokens) == counter.get_total_flops()
+
+
+def test_closed_form_flops_and_enumeration():
+    in_modes, out_modes, ranks, t = (4, 6, 8), (8, 8, 12), (1, 5, 7, 1), 3
+    closed = 2 * t * sum(math.prod(in_modes[:k]) * ranks[k] * out_modes[k] * in_modes[k] * ranks[k + 1]
+                         * math.prod(out_modes[k + 1:]) for k in range(3))
+    assert tt_flops(in_modes, out_modes, ranks, t, "rtl") == closed
+    shapes = enumerate_shapes(48, 64, 4, num_cores=(2, 3), tokens=16)
+    assert shapes and all(math.prod(s.in_modes) == 48 and math.prod(s.out_modes) == 64 for s in shapes)
+    assert [s.flops for s in shapes] == sorted(s.flops for s in shapes)
+    assert all(s.params == tt_params(s.in_modes, s.out_modes, s.ranks) for s in shapes)
+    assert {len(s.in_modes) for s in shapes} == {2, 3}
+    for op in chain_ops(in_modes, out_modes, ranks, t):
+        assert op["flops"] == 2 * op["batch"] * op["m"] * op["n"] * op["k"]
+
+
+def test_tt_svd_truncation_by_rank_and_error():
+    torch.manual_seed(0)
+    w = torch.randn(24, 30, dtype=torch.float64)
+    cores, err = tt_svd(w, (2, 3, 4), (3, 2, 5), max_rank=3)
+    assert max(c.shape[-1] for c in cores) <= 3 and 0 < err < 1
+    cores_e, err_e = tt_svd(w, (2, 3, 4), (3, 2, 5), rel_error=0.3)
+    assert err_e <= 0.3
+    rebuilt = dense_of(cores_e, (2, 3, 4), (3, 2, 5))
+    assert abs((rebuilt - w).norm() / w.norm() - err_e) < 1e-9
+    _, err_more = tt_svd(w, (2, 3, 4), (3, 2, 5), max_rank=6)
+    assert err_more < err
+    per_bond, _ = tt_svd(w, (2, 3, 4), (3, 2, 5), max_rank=(2, 5))
+    assert [c.shape[-1] for c in per_bond] == [2, 5, 1]
+
+
+def test_gradcheck_all_executions():
+    in_modes, out_modes, ranks = (2, 2, 2), (3, 2, 1), (1, 2, 2, 1)
+    spec = TTSpec(7, 6, in_modes, out_modes, ranks)  # input padded 7 -> 8
+    cores = [c.requires_grad_() for c in random_cores(in_modes, out_modes, ranks)]
+    x = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    for exe in MODEL_PLANNER.candidates(spec, 2, training=True):
+        def f(x, *cs, exe=exe):
+            return run(exe, x, prepare(exe, spec, cs), spec)
+
+        assert torch.autograd.gradcheck(f, (x, *cores), fast_mode=True), exe.describe()
+
+
+def test_layer_gradients_reach_cores_and_bias():
+    tt = TTLinear(12, 10, (3, 4), (2, 5), 3, planner=MODEL_PLANNER, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: tt(x), (torch.randn(2, 12, dtype=torch.float64, requires_grad=True),))
+    tt(torch.randn(4, 12, dtype=torch.float64)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tt.parameters())
+
+
+def test_embedding_full_rank_lookup_and_gradients():
+    emb = nn.Embedding(58, 12, padding_idx=0).double()
+    tt = TTEmbedding.from_embedding(emb, (3, 4, 5), (2, 2, 3))  # 60 >= 58: padded vocabulary
+    assert tt.reconstruction_error < 1e-10
+    ids = torch.tensor([[0, 5, 57, 5], [3, 3, 2, 1]])
+    torch.testing.assert_close(tt(ids), emb(ids))
+    torch.testing.assert_close(tt.weight, emb.weight)
+    tt(ids).pow(2).sum().backward()
+    assert all(c.grad is not None for c in tt.cores)
+    with pytest.raises(UserError, match="token ids"):
+        tt(torch.tensor([58]))
+    small = TTEmbedding.from_embedding(emb, (3, 4, 5), (2, 2, 3), max_rank=2)
+    assert max(small.ranks) == 2 and small.reconstruction_error > 0
+
+
+def test_low_rank_linear():
+    lin = nn.Linear(20, 30).double()
+    x = torch.randn(4, 20, dtype=torch.float64)
+    full = LowRankLinear.from_linear(lin, 20)
+    torch.testing.assert_close(full(x), lin(x))
+    errs = [LowRankLinear.from_linear(lin, r).reconstruction_error for r in (2, 5, 10)]
+    assert errs == sorted(errs, reverse=True)
+    low = LowRankLinear.from_linear(lin, 5)
+    assert sum(op["flops"] for op in low.cost_ops(7)) == 2 * 7 * 5 * (20 + 30)
+    assert ((lin.weight - low.weight).norm() / lin.weight.norm()).item() == pytest.approx(low.reconstruction_error)
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, t):
+        self.calls += 1
+        return t
+
+
+def test_quantization_hooks():
+    torch.manual_seed(0)
+    tt = TTLinear(24, 24, (2, 3, 4), (4, 3, 2), 3, planner=MODEL_PLANNER)
+    x = torch.randn(5, 24)
+    ref = tt(x)
+    tt.intermediate_quant = Counter()
+    torch.testing.assert_close(tt(x), ref)
+    assert tt.intermediate_quant.calls >= 1
+    tt.intermediate_quant = None
+
+    class Halve(nn.Module):
+        def forward(self, c):
+            return c * 0.5
+
+    torch.nn.utils.parametrize.register_parametrization(tt.cores, "0", Halve())
+    torch.testing.assert_close(tt(x) - tt.bias, (ref - tt.bias) * 0.5)
+    with torch.no_grad():  # the inference cache must not hide the parametrization
+        torch.testing.assert_close(tt(x) - tt.bias, (ref - tt.bias) * 0.5)
+
+    class Scaled(TTLinear):
+        def effective_cores(self):
+            return [c * 2 for c in self.cores]
+
+    s = Scaled(24, 24, (2, 3, 4), (4, 3, 2), 3, bias=False, planner=MODEL_PLANNER)
+    plain = TTLinear(24, 24, (2, 3, 4), (4, 3, 2), 3, bias=False, planner=MODEL_PLANNER)
+    plain.load_state_dict(s.state_dict())
+    torch.testing.assert_close(s(x), plain(x) * 8)
+
+
+def test_inference_cache_follows_weight_updates():
+    tt = TTLinear(12, 12, (3, 4), (4, 3), 4, planner=MODEL_PLANNER)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        before = tt(x)
+        tt.cores[0].mul_(2)
+        torch.testing.assert_close(tt(x) - tt.bias, (before - tt.bias) * 2)
+
+
+def test_bad_input_is_a_user_error():
+    with pytest.raises(UserError, match="cover"):
+        TTLinear(100, 10, (3, 3), (2, 5))
+    with pytest.raises(UserError, match="same length"):
+        TTLinear(12, 10, (3, 4), (2, 5, 1))
+    with pytest.raises(UserError, match="ranks"):
+        TTLinear(12, 10, (3, 4), (2, 5), ranks=(2, 2, 2))
+    with pytest.raises(UserError, match="features"):
+        TTLinear(12, 10, (3, 4), (2, 5))(torch.randn(2, 11))
+    with pytest.raises(UserError, match="rel_error"):
+        tt_svd(torch.randn(4, 4), (2, 2), (2, 2), rel_error=1.5)
