@@ -18,7 +18,7 @@ import typer
 from .errors import EXIT_INTERNAL_ERROR, UserError
 
 # Each module defines ``register(app)``; a new command group is one module plus one name here.
-COMMAND_MODULES = ["data", "train", "hardware", "prune", "search", "distill", "quant"]
+COMMAND_MODULES = ["data", "train", "hardware", "prune", "search", "distill", "quant", "compress"]
 
 app = typer.Typer(
     name="fitformer",

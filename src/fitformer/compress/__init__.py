@@ -1,5 +1,10 @@
 """Compression plans (plain data) and ``apply_plan`` (a registry of handlers, one per plan kind)."""
 
+from . import (
+    prune,  # noqa: F401  (registers plan kinds "structured_prune", "balanced_sparsity")
+    quant,  # noqa: F401  (registers plan kind "quant")
+    subnet,  # noqa: F401  (registers plan kind "subnet")
+)
 from .plan import (
     PLAN_TYPES,
     CompressionPlan,
@@ -13,8 +18,6 @@ from .plan import (
     register_plan,
     resolve_layers,
 )
-from . import subnet  # noqa: F401  (registers plan kind "subnet")
-from . import prune  # noqa: F401  (registers plan kinds "structured_prune", "balanced_sparsity")
 from .tt import LowRankPlan, TTEmbeddingPlan, TTPlan, tt_plan_for_model  # noqa: F401  (kinds tt, low_rank, tt_embedding)
 
 __all__ = [

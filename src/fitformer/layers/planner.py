@@ -371,7 +371,8 @@ class Planner:
     ``cost`` maps a list of ops to seconds (default: :class:`RooflineCost`, calibrated on first use when
     measuring); ``measure`` times the ``top_k`` cheapest candidates and the dense reference on the host;
     ``margin`` is how much faster a factorized execution must be to beat the reference; candidates estimated
-    at more than ``explore`` times the reference's cost are not timed.
+    at more than ``explore`` times the reference's cost, or doing more FLOPs per call than the dense GEMM,
+    are not timed.
     """
 
     cost: CostFn | None = None
@@ -444,15 +445,23 @@ class Planner:
             return choice
         reference = Execution("reconstruct") if training else Execution("dense")
         ref_cost = next(c for c, exe in scored if exe == reference)
-        # only time candidates the cost model does not rule out (some chains build huge intermediates)
+        # only time candidates the cost model does not rule out (some chains build huge intermediates) and
+        # that do less arithmetic per call than the dense GEMM (timing noise must not pick a loser)
+        dense_flops = 2 * bucket * spec.in_features * spec.out_features
         factorized = [exe for c, exe in scored
-                      if exe.kind not in ("dense", "reconstruct") and c <= self.explore * ref_cost][: self.top_k]
+                      if exe.kind not in ("dense", "reconstruct") and c <= self.explore * ref_cost
+                      and self._run_flops(exe, spec, bucket, training) < dense_flops][: self.top_k]
         times = self.time([reference, *factorized], spec, bucket, dtype, training)
         best = min(factorized, key=lambda e: times[e.describe()], default=reference)
         if times[best.describe()] > (1 - self.margin) * times[reference.describe()]:
             best = reference
         self.cache[key] = (best, times)
         return best
+
+    @staticmethod
+    def _run_flops(exe: Execution, spec: TTSpec, tokens: int, training: bool) -> int:
+        ops = execution_ops(exe, spec, tokens)
+        return sum(int(op["flops"]) for op in ops if training or op["stage"] == "run")
 
     def timings(self, spec: TTSpec, tokens: int, dtype: torch.dtype = torch.float32,
                 training: bool = False) -> dict[str, float]:

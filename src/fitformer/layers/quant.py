@@ -378,6 +378,7 @@ class _QuantTT(QuantModule):
 
     cores: nn.ParameterList
     intermediate_quant: LSQQuantizer | None
+    quantizes_input = False  # TTLinear quantizes its input; an embedding's input is token ids
 
     @classmethod
     def wrap(cls, layer: nn.Module, weight_bits: int, act_bits: int | None, per_channel: bool, symmetric: bool,
@@ -394,8 +395,6 @@ class _QuantTT(QuantModule):
         if hasattr(out, "_cache"):
             out._cache = None
         return out
-
-    quantizes_input = False
 
     @property
     def frozen(self) -> bool:

@@ -232,7 +232,9 @@ def format_bytes(weight: torch.Tensor, n: int, m: int, bsr_block: tuple[int, int
     int32 indices; BSR stores every ``bsr_block`` block holding any non-zero. HP is :func:`hp_nbytes`."""
     w = weight.detach().cpu()
     item = w.element_size()
-    csr = w.to_sparse_csr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        csr = w.to_sparse_csr()
     csr_bytes = csr.values().numel() * item + (csr.col_indices().numel() + csr.crow_indices().numel()) * INDEX_BYTES
     br, bc = bsr_block
     rows, cols = w.shape

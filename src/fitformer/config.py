@@ -1,0 +1,144 @@
+"""The configuration of one ``fitformer compress`` run: a pydantic model, presets, and a commented example.
+
+A run is described by the same fields whether it comes from command-line flags, a YAML file
+(``--config run.yaml``) or the Python API. Presets fill in the fields the user did not set; explicit values
+always win. Everything is validated before any work starts, so a typo fails in a second, not after an hour.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+OBJECTIVE_METRICS = {"latency": "latency_ms", "energy": "energy_mj", "edp": "edp_mjs", "size": "size_bytes"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The demo: a small search, two candidates, a short distillation; a 1-epoch teacher on a fresh machine.
+    "quick": {"teacher_epochs": 1, "search_budget": 150, "candidates": 2, "budget_minutes": 8.0,
+              "distill_max_train_examples": 4000, "latency_repeats": 10},
+    # A longer search and more, longer-distilled candidates.
+    "thorough": {"teacher_epochs": 3, "search_budget": 600, "candidates": 4, "budget_minutes": 60.0,
+                 "distill_max_train_examples": None, "latency_repeats": 30},
+}
+
+
+class RunConfig(BaseModel):
+    """Everything ``fitformer compress`` needs; every field is documented and validated."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field("minilm-l6", description="Built-in model name or local Hugging Face model directory.")
+    task: str | None = Field(None, description="Built-in task (default: rotten-tomatoes); or give `data`.")
+    data: Path | None = Field(None, description="CSV, TSV or JSONL file of labelled texts (instead of `task`).")
+    text_col: list[str] = Field(["text"], description="Text column(s) of `data`; two for sentence pairs.")
+    label_col: str = Field("label", description="Label column of `data`.")
+    devices: list[str] = Field(["laptop-i7-1185g7"], min_length=1,
+                               description="Target devices (catalog names or device YAML files): searched "
+                                           "each; latency/size limits hold on all; the first is primary.")
+    max_latency_ms: float | None = Field(None, gt=0, description="Modelled latency limit on the target device "
+                                                                 "(batch `latency_batch`, `seq_len` tokens).")
+    max_accuracy_drop: float = Field(1.0, ge=0, le=100,
+                                     description="Largest test-accuracy loss against the teacher, in points.")
+    max_size_mb: float | None = Field(None, gt=0, description="Largest predicted model size in MB (1e6 bytes).")
+    objective: Literal["latency", "energy", "edp", "size"] = Field(
+        "latency", description="What the chosen model minimises on the primary device (modelled).")
+    budget_minutes: float = Field(10.0, gt=0, description="Wall-clock minutes of distillation, split equally "
+                                                          "among the candidates.")
+    out: Path = Field(Path("runs/compress"), description="Run directory; rerunning the same config resumes it.")
+    teacher_epochs: int = Field(3, ge=1, description="Fine-tuning epochs of the teacher (cached per machine).")
+    max_length: int = Field(128, ge=8, le=512, description="Tokens per example (teacher, students, export).")
+    search_budget: int = Field(200, ge=1, description="Candidates scored by the search on each device.")
+    population: int = Field(32, ge=4, description="NSGA-II population size.")
+    candidates: int = Field(3, ge=1, le=16, description="Plans distilled and measured (spread along the front).")
+    min_gain: float = Field(1.5, ge=1.0, description="A candidate must beat the teacher's objective on its "
+                                                     "device by at least this factor.")
+    distill_max_train_examples: int | None = Field(None, ge=2, description="Training examples used by "
+                                                                           "distillation (None: all).")
+    distill_batch_size: int = Field(32, ge=1, description="Distillation batch size.")
+    seq_len: int = Field(128, ge=1, description="Tokens per example of the cost model.")
+    latency_batch: int = Field(1, ge=1, description="Batch size of the cost model.")
+    latency_repeats: int = Field(20, ge=3, description="Timed calls per host latency measurement.")
+    threads: int | None = Field(None, ge=1, description="PyTorch threads for host timing (None: leave as is).")
+    onnx: bool = Field(True, description="Also export RUN/model.onnx.")
+    seed: int = Field(0, description="Seed of the search and of distillation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.task is not None and self.data is not None:
+            raise ValueError("give either task or data, not both")
+        if not 1 <= len(self.text_col) <= 2:
+            raise ValueError("text_col takes one column, or two for sentence pairs")
+        if len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"devices {self.devices} repeat a device; list each once")
+        return self
+
+    @property
+    def objective_metric(self) -> str:
+        return OBJECTIVE_METRICS[self.objective]
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the run's results (what the run directory's manifest compares)."""
+        return self.model_dump(mode="json", exclude={"out", "threads", "latency_repeats"})
+
+    def check_resources(self) -> None:
+        """Check what the model cannot: the devices exist, the files are there, the run directory is usable."""
+        from .hardware import get_device
+        from .models import resolve_model_dir
+
+        for device in self.devices:
+            get_device(device)
+        if self.data is not None and not self.data.is_file():
+            raise UserError(f"data {self.data}: no such file; pass a CSV, TSV or JSONL file of labelled texts")
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"out {self.out} is a file; pass a directory for the run")
+        resolve_model_dir(self.model)
+
+
+def build_config(preset: str | None = None, file: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """A validated config: preset defaults, then the YAML ``file``, then ``overrides`` that are not None."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"preset '{preset}': choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if file is not None:
+        values.update(_read_yaml(Path(file)))
+    values.update({k: v for k, v in overrides.items() if v is not None and v != []})
+    try:
+        config = RunConfig(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise UserError(f"{where}: {err['msg']} (see `fitformer config example`)") from None
+    config.check_resources()
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file; `fitformer config example > run.yaml` writes one")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of settings, e.g. 'devices: [raspberry-pi-4]'")
+    data.pop("preset", None)
+    return data
+
+
+def example_yaml() -> str:
+    """A commented YAML file with every field at its default (loads back as the default config)."""
+    lines = ["# fitformer compress --config run.yaml", "# Every field is optional; unset fields take the "
+             "default (or the preset's value with --preset)."]
+    for name, field in RunConfig.model_fields.items():
+        default = field.default
+        value = json.dumps(str(default) if isinstance(default, Path) else default)  # JSON is valid YAML
+        lines += ["", f"# {field.description}", f"{name}: {value}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,445 @@
+"""``fitformer compress`` end to end: teacher -> search -> candidates -> distil -> evaluate -> export -> report.
+
+Every stage runs through :class:`~fitformer.rundir.RunDir`, so its result and the checksums of its files are
+in ``RUN/manifest.json`` and a rerun of the same configuration skips it. The teacher is loaded only when a
+stage that needs it runs, so rerunning a finished run is instant.
+
+Semantics (see ``docs/compress.md``): the search is NSGA-II on each target device over (weight-error proxy,
+objective) with the analytic cost model; latency and size constraints must hold on every target device
+(modelled); the accuracy constraint is measured on the test split after distillation; the chosen model is the
+feasible candidate with the lowest objective on the first (primary) device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .errors import InfeasibleError
+from .io import read_json, write_json_atomic, write_text_atomic
+from .rundir import RunDir
+
+Log = Callable[[str], None]
+
+
+def _device_slug(device: str) -> str:
+    return Path(device).stem
+
+
+def _plan_for(spec_dict: dict[str, Any], shape):
+    from .search.cost import spec_to_plan
+    from .search.space import CandidateSpec
+
+    return spec_to_plan(CandidateSpec.from_dict(spec_dict), shape)
+
+
+@dataclass
+class CompressResult:
+    """What a compress run produced: the run directory, its summary, the chosen model and the fronts."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    fronts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> dict[str, Any] | None:
+        return self.summary.get("chosen")
+
+    def load(self):
+        """The exported model, ready to ``predict``."""
+        from .export import load
+
+        return load(self.run_dir)
+
+
+class Pipeline:
+    """One run of ``fitformer compress`` in its run directory."""
+
+    def __init__(self, config: RunConfig, log: Log | None = None, dataset: Any = None) -> None:
+        self.config = config
+        self.log = log or (lambda message: None)
+        identity = config.identity()
+        if dataset is not None:  # in-memory data (Python API): its content decides the run's identity
+            identity["data"] = f"dataset:{dataset.content_hash()}"
+        self.run = RunDir(config.out, config=identity)
+        self._teacher = None
+        self._dataset = dataset
+
+    # ------------------------------------------------------------------ shared pieces
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            from .data import load_task
+            from .train import FinetuneConfig, get_teacher
+
+            c = self.config
+            data = self._dataset if self._dataset is not None else load_task(
+                task=c.task, data=c.data, text_cols=c.text_col, label_col=c.label_col)
+            self._teacher = get_teacher(c.model, data=data, config=FinetuneConfig(
+                epochs=c.teacher_epochs, max_length=c.max_length, seed=c.seed))
+        return self._teacher
+
+    def _shape(self):
+        from .search.space import EncoderShape
+
+        return EncoderShape.from_config(self.teacher.model.config)
+
+    def _stage(self, name: str, fn: Callable[[RunDir], tuple[Any, list[str]]]) -> Any:
+        done = self.run.is_done(name)
+        result = self.run.stage(name, fn)
+        self.log(f"{name}: {'done earlier, skipped' if done else 'finished'}")
+        return result
+
+    # ------------------------------------------------------------------ the run
+    def execute(self) -> CompressResult:
+        c = self.config
+        self._stage("teacher", self._teacher_stage)
+        for device in c.devices:
+            self._stage(f"search-{_device_slug(device)}", lambda run, d=device: self._search_stage(run, d))
+        candidates = self._stage("candidates", self._candidates_stage)
+        for i, cand in enumerate(candidates["candidates"]):
+            self._stage(f"distill-{cand['key'][:12]}", lambda run, x=cand, k=i: self._distill_stage(run, x, k))
+        evaluation = self._stage("evaluate", self._evaluate_stage)
+        chosen, reason = choose(evaluation, c)
+        if chosen is None:
+            self._stage("report", lambda run: self._report_stage(run, evaluation, None))
+            raise InfeasibleError(reason)
+        self._stage("export", lambda run: self._export_stage(run, chosen))
+        summary = self._stage("report", lambda run: self._report_stage(run, evaluation, chosen))
+        fronts = {d: read_json(self.run.file(f"search/{_device_slug(d)}.json"))["front"] for d in c.devices}
+        return CompressResult(self.run.path, summary, fronts)
+
+    # ------------------------------------------------------------------ stages
+    def _teacher_stage(self, run: RunDir) -> tuple[Any, list[str]]:
+        t = self.teacher
+        test = t.evaluate("test")
+        return {"model_dir": str(t.model_dir), "validation_accuracy": t.result.validation_accuracy,
+                "test_accuracy": test.accuracy, "label_names": t.label_names}, []
+
+    def _search_stage(self, run: RunDir, device: str) -> tuple[Any, list[str]]:
+        from .hardware import get_device
+        from .search import DesignSpace, NSGA2Config, Problem, RunStore, Session, SpaceConfig, nsga2
+        from .search.cost import AnalyticCost, device_limits
+        from .search.proxy import CombinedEvaluator, WeightErrorProxy
+
+        c = self.config
+        spec = get_device(device)
+        shape = self._shape()
+        h, heads, ffn = shape.hidden_size, shape.num_heads, shape.intermediate_size
+        space_config = SpaceConfig(depths=tuple(range(max(1, shape.num_layers // 2), shape.num_layers + 1)),
+                                   hidden_sizes=(h,), heads=tuple(sorted({max(1, heads // 2), heads})),
+                                   ffn_sizes=tuple(sorted({ffn // 4, ffn // 2, ffn})), embedding=False)
+        space = DesignSpace(shape, space_config, device_limits(spec))
+        cost = AnalyticCost(spec, shape, (c.latency_batch, c.seq_len))
+        evaluator = CombinedEvaluator(cost, WeightErrorProxy.from_model(self.teacher.model, shape))
+        problem = Problem(space, cost, evaluator, objectives=("proxy_loss", c.objective_metric),
+                          limits={"size_bytes": spec.dram_bytes.value})
+        slug = _device_slug(device)
+        run.file("search").mkdir(exist_ok=True)
+        with RunStore(run.file(f"search/{slug}.sqlite")) as store:
+            store.check_meta({"device": spec.name, "genes": len(space), "seed": c.seed})
+            result = nsga2(Session(problem, c.search_budget, store=store), seed=c.seed,
+                           config=NSGA2Config(population=c.population))
+        teacher_spec = space.decode(space.largest())
+        on_front = {x.key for x in result.front}
+        rest = 4 * sum(p.numel() for p in self.teacher.model.parameters()) - teacher_spec.weight_bytes()
+        history = [{**x.to_dict(), "front": x.key in on_front,
+                    "model_bytes": x.metrics["size_bytes"] + rest} for x in result.history]
+        out = {"device": device, "objectives": list(problem.objectives), "rest_bytes": rest,
+               "teacher": {**cost(teacher_spec), "proxy_loss": 0.0, "model_bytes": teacher_spec.weight_bytes() + rest,
+                           "spec": teacher_spec.to_dict()},
+               "history": history, "front": [h for h in history if h["front"]]}
+        write_json_atomic(run.file(f"search/{slug}.json"), out)
+        return {"device": device, "evaluated": len(history), "front": len(out["front"])}, [f"search/{slug}.json"]
+
+    def _modelled(self, spec_dict: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """Modelled cost of a candidate on every target device (cheap)."""
+        from .hardware import get_device
+        from .search.cost import AnalyticCost
+        from .search.space import CandidateSpec
+
+        c, shape, spec = self.config, self._shape(), CandidateSpec.from_dict(spec_dict)
+        return {d: AnalyticCost(get_device(d), shape, (c.latency_batch, c.seq_len))(spec) for d in c.devices}
+
+    def _violations(self, modelled: dict[str, dict[str, float]], rest: float) -> dict[str, float]:
+        """Constraint name -> worst ratio of value to limit over the devices (> 1 means broken)."""
+        c, out = self.config, {}
+        if c.max_latency_ms is not None:
+            out["max_latency_ms"] = max(m["latency_ms"] for m in modelled.values()) / c.max_latency_ms
+        if c.max_size_mb is not None:
+            size = next(iter(modelled.values()))["size_bytes"] + rest
+            out["max_size_mb"] = size / (c.max_size_mb * 1e6)
+        return out
+
+    def _candidates_stage(self, run: RunDir) -> tuple[Any, list[str]]:
+        c = self.config
+        metric = c.objective_metric
+        per_device: list[list[dict[str, Any]]] = []
+        closest: tuple[float, str, dict[str, float]] | None = None
+        for device in c.devices:
+            found = read_json(run.file(f"search/{_device_slug(device)}.json"))
+            rest, limit = found["rest_bytes"], found["teacher"][metric] / c.min_gain
+            ok = []
+            for x in sorted(found["front"], key=lambda x: x["metrics"]["proxy_loss"]):
+                modelled = self._modelled(x["spec"])
+                violations = self._violations(modelled, rest)
+                violations["min_gain"] = x["metrics"][metric] / limit
+                worst = max(violations.values())
+                if worst <= 1.0:
+                    ok.append({"key": x["key"], "device": device, "spec": x["spec"], "metrics": x["metrics"],
+                               "model_bytes": x["model_bytes"], "modelled": modelled})
+                elif closest is None or worst < closest[0]:
+                    closest = (worst, device, violations)
+            per_device.append(_spread(ok, c.candidates))
+        picked: list[dict[str, Any]] = []
+        for row in _interleave(per_device):
+            if row["key"] not in {p["key"] for p in picked} and len(picked) < c.candidates:
+                picked.append(row)
+        if not picked:
+            worst, device, violations = closest or (float("inf"), c.devices[0], {})
+            binding = max(violations, key=violations.get) if violations else "search"
+            raise InfeasibleError(f"no searched plan meets {binding} (the closest, on {device}, is at "
+                                  f"{worst:.2f}x the limit); relax {binding} or raise --search-budget; "
+                                  f"the fronts are in {run.file('search')}")
+        for p in picked:
+            p["plan"] = _plan_for(p["spec"], self._shape()).to_dict()
+        write_json_atomic(run.file("candidates.json"), picked)
+        return {"candidates": [{k: p[k] for k in ("key", "device")} for p in picked]}, ["candidates.json"]
+
+    def _candidate(self, key: str) -> dict[str, Any]:
+        return next(p for p in read_json(self.run.file("candidates.json")) if p["key"] == key)
+
+    def _student(self, cand: dict[str, Any], weights: Path | None) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        from .compress import CompressionPlan, apply_plan
+
+        student = apply_plan(self.teacher.model, CompressionPlan.from_dict(cand["plan"]))
+        if weights is not None:
+            student.load_state_dict(load_file(str(weights)))
+        return student.eval()
+
+    def _distill_stage(self, run: RunDir, cand: dict[str, Any], index: int) -> tuple[Any, list[str]]:
+        from .train import DistillConfig, DistillData, distill
+
+        c = self.config
+        full = self._candidate(cand["key"])
+        student = self._student(full, None)
+        data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)
+        config = DistillConfig(schedule="progressive", budget_minutes=c.budget_minutes / c.candidates,
+                               batch_size=c.distill_batch_size, seed=c.seed)
+        out = f"distill/{cand['key'][:12]}"
+        result = distill(student, self.teacher.model, data, config, run.file(out))
+        return {"key": cand["key"], **{k: v for k, v in result.to_dict().items() if k != "history"}}, \
+            [f"{out}/best/model.safetensors"]
+
+    def _measure(self, model: torch.nn.Module) -> dict[str, float]:
+        """Host latency (ms) at batch 1 and 32 of ``max_length`` tokens (fewer if the model has fewer positions): trimmed mean of wall-clock calls."""
+        from .hardware.timing import measure
+
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        vocab = int(model.config.vocab_size)
+        tokens = min(c.max_length, int(getattr(model.config, "max_position_embeddings", c.max_length)))
+        out = {}
+        for batch in (1, 32):
+            ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0))
+            mask = torch.ones_like(ids)
+
+            def call(ids=ids, mask=mask):
+                with torch.inference_mode():
+                    model(input_ids=ids, attention_mask=mask)
+
+            repeats = c.latency_repeats if batch == 1 else max(3, c.latency_repeats // 4)
+            out[f"latency_ms_b{batch}"] = measure(call, warmup=2, repeats=repeats, max_seconds=20).mean_ms
+        return out
+
+    def _predicted_host(self, spec_dict: dict[str, Any]) -> dict[str, float]:
+        """Modelled latency on the primary device at the measured shapes (predicted against measured)."""
+        from .hardware import get_device
+        from .search.cost import AnalyticCost
+        from .search.space import CandidateSpec
+
+        c, shape, spec = self.config, self._shape(), CandidateSpec.from_dict(spec_dict)
+        device = get_device(c.devices[0])
+        return {f"predicted_ms_b{b}": AnalyticCost(device, shape, (b, c.max_length))(spec)["latency_ms"]
+                for b in (1, 32)}
+
+    def _evaluate_stage(self, run: RunDir) -> tuple[Any, list[str]]:
+        from .export import save_compressed
+
+        t = self.teacher
+        first = read_json(run.file(f"search/{_device_slug(self.config.devices[0])}.json"))
+        teacher_spec = first["teacher"]["spec"]
+        size = (t.model_dir / "model.safetensors").stat().st_size
+        rows = {"teacher": {"test_accuracy": t.evaluate("test").accuracy, "size_bytes": size,
+                            "model_bytes": first["teacher"]["model_bytes"],
+                            **self._measure(t.model), **self._predicted_host(teacher_spec),
+                            "modelled": self._modelled(teacher_spec)}}
+        files = []
+        for cand in read_json(run.file("candidates.json")):
+            short = cand["key"][:12]
+            student = self._student(cand, run.file(f"distill/{short}/best/model.safetensors"))
+            test = t.evaluate("test", model=student)
+            saved = save_compressed(student, _plan(cand), t.tokenizer, run.file(f"candidates/{short}"),
+                                    self._meta(test.accuracy))
+            files.append(f"candidates/{short}/model.safetensors")
+            rows[cand["key"]] = {"test_accuracy": test.accuracy, "size_bytes": (saved / "model.safetensors").stat()
+                                 .st_size, "model_bytes": cand["model_bytes"], "device": cand["device"],
+                                 **self._measure(student), **self._predicted_host(cand["spec"]),
+                                 "modelled": cand["modelled"]}
+        write_json_atomic(run.file("evaluate.json"), rows)
+        return rows, ["evaluate.json", *files]
+
+    def _meta(self, accuracy: float) -> dict[str, Any]:
+        return {"label_names": self.teacher.label_names, "max_length": self.config.max_length,
+                "test_accuracy": accuracy, "base_model": self.config.model}
+
+    def _export_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
+        from .export import save_compressed
+
+        cand = self._candidate(key)
+        evaluation = self.run.result("evaluate")
+        student = self._student(cand, run.file(f"distill/{key[:12]}/best/model.safetensors"))
+        model_dir = save_compressed(student, _plan(cand), self.teacher.tokenizer, run.file("model"),
+                                    self._meta(evaluation[key]["test_accuracy"]))
+        files = [f"model/{p.name}" for p in sorted(model_dir.iterdir()) if p.is_file()]
+        onnx_status = "skipped (onnx: false)"
+        if self.config.onnx:
+            try:
+                from .export.onnx_quant import export_onnx
+
+                export_onnx(copy.deepcopy(student), run.file("model.onnx"), seq_len=16)
+                files.append("model.onnx")
+                onnx_status = "model.onnx"
+            except Exception as exc:  # an operator the exporter cannot handle: record it, keep the run
+                onnx_status = f"not exported: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        write_text_atomic(run.file("MODEL_CARD.md"), model_card(self.config, cand, evaluation, onnx_status))
+        files.append("MODEL_CARD.md")
+        return {"key": key, "onnx": onnx_status}, files
+
+    def _report_stage(self, run: RunDir, evaluation: dict[str, Any], key: str | None) -> tuple[Any, list[str]]:
+        from .report.html import write_report
+
+        c = self.config
+        summary = build_summary(c, evaluation, key, run)
+        fronts = {d: read_json(run.file(f"search/{_device_slug(d)}.json")) for d in c.devices}
+        cands = read_json(run.file("candidates.json"))
+        write_json_atomic(run.file("summary.json"), summary)
+        write_report(run.file("report.html"), c, summary, fronts, cands, evaluation)
+        return summary, ["summary.json", "report.html"]
+
+
+def _plan(cand: dict[str, Any]):
+    from .compress import CompressionPlan
+
+    return CompressionPlan.from_dict(cand["plan"])
+
+
+def _spread(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` rows evenly spaced along a list sorted by proxy (most accurate first, most compressed last)."""
+    if len(rows) <= n:
+        return rows
+    return [rows[i] for i in sorted({int(round(x)) for x in np.linspace(0, len(rows) - 1, n)})]
+
+
+def _interleave(lists: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    out = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out += [x[i] for x in lists if i < len(x)]
+    return out
+
+
+def choose(evaluation: dict[str, Any], config: RunConfig) -> tuple[str | None, str]:
+    """The feasible candidate with the lowest objective on the primary device, or None and the reason."""
+    teacher = evaluation["teacher"]["test_accuracy"]
+    metric, primary = config.objective_metric, config.devices[0]
+    rows = {k: v for k, v in evaluation.items() if k != "teacher"}
+    drops = {k: 100 * (teacher - v["test_accuracy"]) for k, v in rows.items()}
+    ok = [k for k in rows if drops[k] <= config.max_accuracy_drop]
+    if ok:
+        return min(ok, key=lambda k: (rows[k]["modelled"][primary][metric], k)), "feasible"
+    closest = min(drops, key=drops.get)
+    return None, (f"no candidate keeps max_accuracy_drop {config.max_accuracy_drop:g} points: the closest "
+                  f"({closest[:12]}) loses {drops[closest]:.2f} points; raise --budget-minutes or "
+                  f"--max-accuracy-drop, or relax the latency/size limits (the fronts are kept in the run)")
+
+
+def build_summary(config: RunConfig, evaluation: dict[str, Any], key: str | None, run: RunDir) -> dict[str, Any]:
+    """The headline numbers: teacher, every candidate, the chosen one, constraints and whether each is met."""
+    teacher = evaluation["teacher"]
+
+    def entry(row: dict[str, Any]) -> dict[str, Any]:
+        return {"test_accuracy": row["test_accuracy"], "latency_ms_b1": row["latency_ms_b1"],
+                "latency_ms_b32": row["latency_ms_b32"], "size_bytes": row["size_bytes"],
+                "predicted_model_bytes": row["model_bytes"],
+                "predicted_ms_b1": row["predicted_ms_b1"], "predicted_ms_b32": row["predicted_ms_b32"],
+                "edp": {d: m["edp_mjs"] for d, m in row["modelled"].items()},
+                "modelled": row["modelled"]}
+
+    summary: dict[str, Any] = {"status": "chosen" if key else "infeasible", "run_dir": str(run.path),
+                               "objective": config.objective, "devices": config.devices,
+                               "teacher": entry(teacher),
+                               "candidates": {k: entry(v) for k, v in evaluation.items() if k != "teacher"},
+                               "chosen": None, "constraints": []}
+    if key is not None:
+        row = evaluation[key]
+        chosen = {"key": key, **entry(row),
+                  "accuracy_drop_points": 100 * (teacher["test_accuracy"] - row["test_accuracy"]),
+                  "speedup_b1": teacher["latency_ms_b1"] / row["latency_ms_b1"],
+                  "speedup_b32": teacher["latency_ms_b32"] / row["latency_ms_b32"],
+                  "size_ratio": teacher["size_bytes"] / row["size_bytes"]}
+        summary["chosen"] = chosen
+        summary["export"] = run.result("export") if run.is_done("export") else None
+        summary["constraints"] = constraint_rows(config, chosen)
+    return summary
+
+
+def constraint_rows(config: RunConfig, chosen: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each constraint, its limit, the chosen model's value and whether it is met."""
+    rows = [{"name": "max_accuracy_drop", "limit": config.max_accuracy_drop,
+             "value": chosen["accuracy_drop_points"], "unit": "points (measured)"}]
+    if config.max_latency_ms is not None:
+        rows.append({"name": "max_latency_ms", "limit": config.max_latency_ms,
+                     "value": max(m["latency_ms"] for m in chosen["modelled"].values()),
+                     "unit": "ms (modelled, worst target device)"})
+    if config.max_size_mb is not None:
+        rows.append({"name": "max_size_mb", "limit": config.max_size_mb,
+                     "value": chosen["predicted_model_bytes"] / 1e6, "unit": "MB (predicted)"})
+    for r in rows:
+        r["met"] = bool(r["value"] <= r["limit"] + 1e-9)
+    return rows
+
+
+def model_card(config: RunConfig, cand: dict[str, Any], evaluation: dict[str, Any], onnx_status: str) -> str:
+    """A markdown model card: what the model is, its plan, its numbers, and how to load it."""
+    teacher, row = evaluation["teacher"], evaluation[cand["key"]]
+    arch = cand["spec"]["arch"]
+    lines = [
+        f"# Compressed {config.model}", "",
+        f"Made by `fitformer compress` from `{config.model}` on `{config.data or config.task or 'rotten-tomatoes'}`, "
+        f"searched for `{cand['device']}` (objective: {config.objective}).", "",
+        "| | teacher | this model |", "| --- | --- | --- |",
+        f"| test accuracy | {teacher['test_accuracy']:.4f} | {row['test_accuracy']:.4f} |",
+        f"| host latency, batch 1 (ms) | {teacher['latency_ms_b1']:.2f} | {row['latency_ms_b1']:.2f} |",
+        f"| host latency, batch 32 (ms) | {teacher['latency_ms_b32']:.2f} | {row['latency_ms_b32']:.2f} |",
+        f"| weights on disk (bytes) | {teacher['size_bytes']} | {row['size_bytes']} |", "",
+        f"Architecture: {arch['num_layers']} layers, hidden {arch['hidden_size']}, heads {arch['heads']}, "
+        f"FFN {arch['ffn']}.", "",
+        "## Load", "", "```python", "import fitformer", "", f"model = fitformer.load({str(config.out)!r})",
+        "print(model.predict(['a fine film']))", "```", "",
+        f"ONNX: {onnx_status}.", "", "The compression plan is `model/plan.json`; `report.html` has the details.", ""]
+    return "\n".join(lines)
+
+
+def compress(config: RunConfig, log: Log | None = None) -> CompressResult:
+    """Run (or resume) a compress run; raises InfeasibleError (exit code 3) when no candidate qualifies."""
+    return Pipeline(config, log).execute()

@@ -1,0 +1,126 @@
+"""End to end: ``fitformer compress`` on a tiny random model and tiny synthetic data, its rerun, bad configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+import fitformer
+from fitformer.cli import main
+from fitformer.config import RunConfig, build_config, example_yaml
+from fitformer.errors import UserError
+
+
+def _cli(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return int(exc.value.code)
+
+
+def _write_csv(path, data) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for text, label in zip(data.texts, data.labels, strict=True):
+            writer.writerow([text, data.label_names[label]])
+
+
+@pytest.fixture(scope="module")
+def run_args(tmp_path_factory, tiny_model_dir, sentiment_data):
+    root = tmp_path_factory.mktemp("compress")
+    _write_csv(root / "data.csv", sentiment_data)
+    return ["compress", "--model", str(tiny_model_dir), "--data", str(root / "data.csv"),
+            "--device", "laptop-i7-1185g7", "--device", "raspberry-pi-4", "--max-accuracy-drop", "100",
+            "--budget-minutes", "0.2", "--search-budget", "40", "--candidates", "2", "--teacher-epochs", "1",
+            "--out", str(root / "run")], root / "run"
+
+
+@pytest.fixture(scope="module")
+def finished_run(run_args):
+    args, run = run_args
+    assert _cli(args) == 0
+    return run
+
+
+def test_run_directory_report_and_summary(finished_run):
+    run = finished_run
+    manifest = json.loads((run / "manifest.json").read_text())
+    for stage in ("teacher", "search-laptop-i7-1185g7", "search-raspberry-pi-4", "candidates", "evaluate", "export",
+                  "report"):
+        assert stage in manifest["stages"], stage
+    assert sum(s.startswith("distill-") for s in manifest["stages"]) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    chosen = summary["chosen"]
+    assert summary["status"] == "chosen" and chosen["key"] in summary["candidates"]
+    for row in (summary["teacher"], chosen):
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["latency_ms_b1"] > 0 and row["latency_ms_b32"] > 0 and row["size_bytes"] > 0
+        assert set(row["edp"]) == {"laptop-i7-1185g7", "raspberry-pi-4"}
+    assert all(c["met"] for c in summary["constraints"])
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2  # one figure per device, inlined
+    assert "http://" not in html and "https://" not in html  # readable offline
+    assert chosen["key"][:12] in html and "per-layer decisions" in html
+
+
+def test_export_loads_back_and_predicts(finished_run, sentiment_data):
+    model = fitformer.load(finished_run)
+    predictions = model.predict(["a fine film", sentiment_data.texts[0]])
+    assert len(predictions) == 2 and set(predictions) <= set(sentiment_data.label_names)
+    card = (finished_run / "MODEL_CARD.md").read_text()
+    assert "fitformer.load" in card
+    onnx = json.loads((finished_run / "summary.json").read_text())["export"]["onnx"]
+    assert onnx == "model.onnx" and (finished_run / "model.onnx").stat().st_size > 0 or onnx.startswith("not exported")
+
+
+def test_rerun_skips_finished_stages(run_args, finished_run):
+    args, run = run_args
+    before = json.loads((run / "manifest.json").read_text())["stages"]
+    assert _cli(args) == 0
+    after = json.loads((run / "manifest.json").read_text())["stages"]
+    assert {k: v["finished_at"] for k, v in after.items()} == {k: v["finished_at"] for k, v in before.items()}
+
+
+def test_changed_settings_in_same_run_dir_are_refused(run_args, finished_run):
+    args, _ = run_args
+    assert _cli([*args, "--seed", "1"]) == 2
+
+
+@pytest.mark.parametrize("bad", [["--device", "no-such-device"], ["--max-accuracy-drop", "-1"],
+                                 ["--objective", "speed"], ["--data", "/no/such/file.csv"], ["--preset", "fast"],
+                                 ["--budget-minutes", "0"]])
+def test_bad_config_exits_2_before_work(tmp_path, bad):
+    assert _cli(["compress", *bad, "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_and_example(tmp_path, capsys):
+    assert _cli(["config", "example"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "run.yaml").write_text(text)
+    assert build_config(file=tmp_path / "run.yaml") == RunConfig()
+    assert example_yaml() == text
+    (tmp_path / "bad.yaml").write_text("devices: [raspberry-pi-4]\nmax_size_mb: -3\n")
+    with pytest.raises(UserError, match="max_size_mb"):
+        build_config(file=tmp_path / "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("max_latency: 3\n")
+    with pytest.raises(UserError, match="max_latency"):
+        build_config(file=tmp_path / "typo.yaml")
+
+
+def test_preset_fills_only_unset_fields():
+    config = build_config("quick", candidates=5)
+    assert config.teacher_epochs == 1 and config.candidates == 5
+
+
+def test_python_api_with_dataset_and_infeasible_exit(tmp_path, tiny_model_dir, sentiment_data):
+    from fitformer.errors import InfeasibleError
+
+    # an impossible size limit: the candidates stage names it as the binding constraint
+    with pytest.raises(InfeasibleError, match="max_size_mb"):
+        fitformer.compress(model=tiny_model_dir, data=sentiment_data, device="raspberry-pi-4",
+                           constraints={"max_size_mb": 1e-6}, out=tmp_path / "run", search_budget=20,
+                           teacher_epochs=1)
+    assert (tmp_path / "run" / "search" / "raspberry-pi-4.json").exists()  # the front is kept
