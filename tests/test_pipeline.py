@@ -47,14 +47,17 @@ def finished_run(run_args):
 def test_run_directory_report_and_summary(finished_run):
     run = finished_run
     manifest = json.loads((run / "manifest.json").read_text())
-    for stage in ("teacher", "search-laptop-i7-1185g7", "search-raspberry-pi-4", "candidates", "evaluate", "export",
-                  "report"):
+    for stage in ("teacher", "search-laptop-i7-1185g7", "search-raspberry-pi-4", "candidates", "evaluate",
+                  "baseline-uniform", "export", "report"):
         assert stage in manifest["stages"], stage
     assert sum(s.startswith("distill-") for s in manifest["stages"]) == 2
     summary = json.loads((run / "summary.json").read_text())
     chosen = summary["chosen"]
     assert summary["status"] == "chosen" and chosen["key"] in summary["candidates"]
-    for row in (summary["teacher"], chosen):
+    uniform = summary["baselines"]["uniform"]
+    assert uniform["predicted_model_bytes"] <= chosen["predicted_model_bytes"]  # at the chosen size or below
+    assert chosen["beats_uniform_baseline"] == (chosen["test_accuracy"] > uniform["test_accuracy"])
+    for row in (summary["teacher"], chosen, summary["baselines"]["dynamic_int8"], uniform):
         assert 0.0 <= row["test_accuracy"] <= 1.0
         assert row["latency_ms_b1"] > 0 and row["latency_ms_b32"] > 0 and row["size_bytes"] > 0
         assert set(row["edp"]) == {"laptop-i7-1185g7", "raspberry-pi-4"}
@@ -110,9 +113,12 @@ def test_config_file_and_example(tmp_path, capsys):
         build_config(file=tmp_path / "typo.yaml")
 
 
-def test_preset_fills_only_unset_fields():
-    config = build_config("quick", candidates=5)
-    assert config.teacher_epochs == 1 and config.candidates == 5
+def test_preset_then_file_then_flags(tmp_path):
+    (tmp_path / "run.yaml").write_text("candidates: 4\nsearch_budget: 77\ndevices: [raspberry-pi-4]\n")
+    config = build_config("quick", tmp_path / "run.yaml", candidates=5, max_latency_ms=None)
+    assert config.teacher_epochs == 1  # from the preset
+    assert config.search_budget == 77 and config.devices == ["raspberry-pi-4"]  # the file beats the preset
+    assert config.candidates == 5  # a flag beats the file; an unset flag (None) changes nothing
 
 
 def test_python_api_with_dataset_and_infeasible_exit(tmp_path, tiny_model_dir, sentiment_data):
@@ -124,3 +130,17 @@ def test_python_api_with_dataset_and_infeasible_exit(tmp_path, tiny_model_dir, s
                            constraints={"max_size_mb": 1e-6}, out=tmp_path / "run", search_budget=20,
                            teacher_epochs=1)
     assert (tmp_path / "run" / "search" / "raspberry-pi-4.json").exists()  # the front is kept
+
+
+def test_choose_picks_lowest_objective_within_drop_and_names_closest_otherwise():
+    from fitformer.pipeline import choose
+
+    def row(acc, latency):
+        return {"test_accuracy": acc, "modelled": {"raspberry-pi-4": {"latency_ms": latency}}}
+
+    evaluation = {"teacher": row(0.90, 10.0), "baseline:dynamic_int8": row(0.90, 1.0),
+                  "aaa": row(0.895, 5.0), "bbb": row(0.89, 3.0), "ccc": row(0.80, 1.0)}
+    config = RunConfig(devices=["raspberry-pi-4"], max_accuracy_drop=1.0)
+    assert choose(evaluation, config) == ("bbb", "feasible")  # ccc is faster but drops 10 points
+    key, reason = choose(evaluation, RunConfig(devices=["raspberry-pi-4"], max_accuracy_drop=0.1))
+    assert key is None and "aaa" in reason and "0.50 points" in reason  # baselines are never chosen

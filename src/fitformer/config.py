@@ -55,7 +55,7 @@ class RunConfig(BaseModel):
     max_length: int = Field(128, ge=8, le=512, description="Tokens per example (teacher, students, export).")
     search_budget: int = Field(200, ge=1, description="Candidates scored by the search on each device.")
     population: int = Field(32, ge=4, description="NSGA-II population size.")
-    candidates: int = Field(3, ge=1, le=16, description="Plans distilled and measured (spread along the front).")
+    candidates: int = Field(3, ge=1, le=16, description="Plans distilled and measured (lowest proxy first).")
     min_gain: float = Field(1.5, ge=1.0, description="A candidate must beat the teacher's objective on its "
                                                      "device by at least this factor.")
     distill_max_train_examples: int | None = Field(None, ge=2, description="Training examples used by "

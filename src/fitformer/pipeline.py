@@ -13,12 +13,12 @@ feasible candidate with the lowest objective on the first (primary) device.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .config import RunConfig
@@ -27,6 +27,11 @@ from .io import read_json, write_json_atomic, write_text_atomic
 from .rundir import RunDir
 
 Log = Callable[[str], None]
+BASELINE = "baseline:"  # evaluation rows of baselines (compared, never chosen)
+
+
+def is_candidate(key: str) -> bool:
+    return key != "teacher" and not key.startswith(BASELINE)
 
 
 def _device_slug(device: str) -> str:
@@ -111,6 +116,8 @@ class Pipeline:
         if chosen is None:
             self._stage("report", lambda run: self._report_stage(run, evaluation, None))
             raise InfeasibleError(reason)
+        uniform = self._stage("baseline-uniform", lambda run: self._uniform_stage(run, chosen))
+        evaluation = {**evaluation, f"{BASELINE}uniform": uniform}
         self._stage("export", lambda run: self._export_stage(run, chosen))
         summary = self._stage("report", lambda run: self._report_stage(run, evaluation, chosen))
         fronts = {d: read_json(self.run.file(f"search/{_device_slug(d)}.json"))["front"] for d in c.devices}
@@ -197,7 +204,7 @@ class Pipeline:
                                "model_bytes": x["model_bytes"], "modelled": modelled})
                 elif closest is None or worst < closest[0]:
                     closest = (worst, device, violations)
-            per_device.append(_spread(ok, c.candidates))
+            per_device.append(ok[: c.candidates])  # the most accurate by proxy that still gain enough
         picked: list[dict[str, Any]] = []
         for row in _interleave(per_device):
             if row["key"] not in {p["key"] for p in picked} and len(picked) < c.candidates:
@@ -240,8 +247,52 @@ class Pipeline:
         return {"key": cand["key"], **{k: v for k, v in result.to_dict().items() if k != "history"}}, \
             [f"{out}/best/model.safetensors"]
 
+    def _uniform_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
+        """Baseline (HEAT's heuristic): every encoder linear as a 3-core TT-matrix with one rank and one bit
+        width (8 where the primary device runs int8), at the largest rank not above the chosen model's
+        predicted weight bytes, distilled with the same budget as one candidate."""
+        from dataclasses import replace
+
+        from .hardware import get_device
+        from .search.cost import device_limits, spec_to_plan
+        from .search.space import CandidateSpec, default_tt_shapes
+
+        c, shape = self.config, self._shape()
+        first = read_json(run.file(f"search/{_device_slug(c.devices[0])}.json"))
+        dense = CandidateSpec.from_dict(first["teacher"]["spec"])
+        target = CandidateSpec.from_dict(self._candidate(key)["spec"]).weight_bytes()
+        bits = 8 if 8 in device_limits(get_device(c.devices[0])).bits else 32
+
+        def uniform(rank: int) -> CandidateSpec:
+            layers = []
+            for x in dense.layers:
+                in_modes, out_modes = default_tt_shapes(x.in_features, x.out_features, 3, 1)[0]
+                layers.append(replace(x, format="tt", rank=rank, in_modes=in_modes, out_modes=out_modes, bits=bits))
+            return replace(dense, layers=tuple(layers))
+
+        low, high = 1, max(shape.hidden_size, shape.intermediate_size)
+        while low < high:  # largest rank whose size stays within the chosen model's (sizes grow with rank)
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if uniform(mid).weight_bytes() <= target else (low, mid - 1)
+        spec = uniform(low).to_dict()
+        cand = {"key": "uniform", "spec": spec, "plan": spec_to_plan(CandidateSpec.from_dict(spec), shape).to_dict()}
+        student = self._student(cand, None)
+        from .train import DistillConfig, DistillData, distill
+
+        data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)
+        distill(student, self.teacher.model, data, DistillConfig(
+            schedule="progressive", budget_minutes=c.budget_minutes / c.candidates, batch_size=c.distill_batch_size,
+            seed=c.seed), run.file("distill/uniform"))
+        accuracy = self.teacher.evaluate("test", model=student).accuracy
+        saved = self._save(student, cand, run.file("baselines/uniform"), accuracy)
+        row = {"test_accuracy": accuracy, "size_bytes": (saved / "model.safetensors").stat().st_size,
+               "model_bytes": CandidateSpec.from_dict(spec).weight_bytes() + first["rest_bytes"], "rank": low,
+               "bits": bits, **self._measure(student), **self._predicted_host(spec), "modelled": self._modelled(spec)}
+        return row, ["baselines/uniform/model.safetensors", "distill/uniform/best/model.safetensors"]
+
     def _measure(self, model: torch.nn.Module) -> dict[str, float]:
-        """Host latency (ms) at batch 1 and 32 of ``max_length`` tokens (fewer if the model has fewer positions): trimmed mean of wall-clock calls."""
+        """Host latency (ms) at batch 1 and 32 of ``max_length`` tokens (fewer if the model has fewer
+        positions): trimmed mean of wall-clock calls."""
         from .hardware.timing import measure
 
         c = self.config
@@ -274,8 +325,6 @@ class Pipeline:
                 for b in (1, 32)}
 
     def _evaluate_stage(self, run: RunDir) -> tuple[Any, list[str]]:
-        from .export import save_compressed
-
         t = self.teacher
         first = read_json(run.file(f"search/{_device_slug(self.config.devices[0])}.json"))
         teacher_spec = first["teacher"]["spec"]
@@ -284,13 +333,13 @@ class Pipeline:
                             "model_bytes": first["teacher"]["model_bytes"],
                             **self._measure(t.model), **self._predicted_host(teacher_spec),
                             "modelled": self._modelled(teacher_spec)}}
-        files = []
+        rows[f"{BASELINE}dynamic_int8"] = self._dynamic_int8(run, teacher_spec, first["rest_bytes"])
+        files = ["baselines/dynamic_int8.pt"]
         for cand in read_json(run.file("candidates.json")):
             short = cand["key"][:12]
             student = self._student(cand, run.file(f"distill/{short}/best/model.safetensors"))
             test = t.evaluate("test", model=student)
-            saved = save_compressed(student, _plan(cand), t.tokenizer, run.file(f"candidates/{short}"),
-                                    self._meta(test.accuracy))
+            saved = self._save(student, cand, run.file(f"candidates/{short}"), test.accuracy)
             files.append(f"candidates/{short}/model.safetensors")
             rows[cand["key"]] = {"test_accuracy": test.accuracy, "size_bytes": (saved / "model.safetensors").stat()
                                  .st_size, "model_bytes": cand["model_bytes"], "device": cand["device"],
@@ -299,18 +348,45 @@ class Pipeline:
         write_json_atomic(run.file("evaluate.json"), rows)
         return rows, ["evaluate.json", *files]
 
-    def _meta(self, accuracy: float) -> dict[str, Any]:
-        return {"label_names": self.teacher.label_names, "max_length": self.config.max_length,
-                "test_accuracy": accuracy, "base_model": self.config.model}
+    def _dynamic_int8(self, run: RunDir, teacher_spec: dict[str, Any], rest: float) -> dict[str, Any]:
+        """Baseline: PyTorch dynamic int8 quantization of every Linear of the teacher, no training."""
+        from dataclasses import replace
 
-    def _export_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
+        from .search.space import CandidateSpec
+
+        with warnings.catch_warnings():  # torch.ao is deprecated upstream but still the standard peer
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.teacher.model), {torch.nn.Linear},
+                                                           dtype=torch.qint8)
+        path = run.file("baselines/dynamic_int8.pt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+        spec = CandidateSpec.from_dict(teacher_spec)
+        spec = replace(spec, layers=tuple(replace(x, bits=8) for x in spec.layers)).to_dict()
+        return {"test_accuracy": self.teacher.evaluate("test", model=model).accuracy,
+                "size_bytes": path.stat().st_size, "model_bytes": CandidateSpec.from_dict(spec).weight_bytes() + rest,
+                **self._measure(model), **self._predicted_host(spec), "modelled": self._modelled(spec)}
+
+    def _save(self, student: torch.nn.Module, cand: dict[str, Any], out: Path, accuracy: float) -> Path:
+        """``save_compressed`` with the dense base's config in ``config.json``: loading rebuilds the base and
+        re-applies the whole plan, sub-network extraction included (the student's own config is already
+        the extracted one)."""
         from .export import save_compressed
 
+        own = student.config
+        student.config = self.teacher.model.config
+        try:
+            meta = {"label_names": self.teacher.label_names, "max_length": self.config.max_length,
+                    "test_accuracy": accuracy, "base_model": self.config.model}
+            return save_compressed(student, _plan(cand), self.teacher.tokenizer, out, meta)
+        finally:
+            student.config = own
+
+    def _export_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
         cand = self._candidate(key)
         evaluation = self.run.result("evaluate")
         student = self._student(cand, run.file(f"distill/{key[:12]}/best/model.safetensors"))
-        model_dir = save_compressed(student, _plan(cand), self.teacher.tokenizer, run.file("model"),
-                                    self._meta(evaluation[key]["test_accuracy"]))
+        model_dir = self._save(student, cand, run.file("model"), evaluation[key]["test_accuracy"])
         files = [f"model/{p.name}" for p in sorted(model_dir.iterdir()) if p.is_file()]
         onnx_status = "skipped (onnx: false)"
         if self.config.onnx:
@@ -344,13 +420,6 @@ def _plan(cand: dict[str, Any]):
     return CompressionPlan.from_dict(cand["plan"])
 
 
-def _spread(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """``n`` rows evenly spaced along a list sorted by proxy (most accurate first, most compressed last)."""
-    if len(rows) <= n:
-        return rows
-    return [rows[i] for i in sorted({int(round(x)) for x in np.linspace(0, len(rows) - 1, n)})]
-
-
 def _interleave(lists: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     out = []
     for i in range(max((len(x) for x in lists), default=0)):
@@ -362,9 +431,9 @@ def choose(evaluation: dict[str, Any], config: RunConfig) -> tuple[str | None, s
     """The feasible candidate with the lowest objective on the primary device, or None and the reason."""
     teacher = evaluation["teacher"]["test_accuracy"]
     metric, primary = config.objective_metric, config.devices[0]
-    rows = {k: v for k, v in evaluation.items() if k != "teacher"}
+    rows = {k: v for k, v in evaluation.items() if is_candidate(k)}
     drops = {k: 100 * (teacher - v["test_accuracy"]) for k, v in rows.items()}
-    ok = [k for k in rows if drops[k] <= config.max_accuracy_drop]
+    ok = [k for k in rows if drops[k] <= config.max_accuracy_drop + 1e-9]  # float noise of 100 * (a - b)
     if ok:
         return min(ok, key=lambda k: (rows[k]["modelled"][primary][metric], k)), "feasible"
     closest = min(drops, key=drops.get)
@@ -388,7 +457,9 @@ def build_summary(config: RunConfig, evaluation: dict[str, Any], key: str | None
     summary: dict[str, Any] = {"status": "chosen" if key else "infeasible", "run_dir": str(run.path),
                                "objective": config.objective, "devices": config.devices,
                                "teacher": entry(teacher),
-                               "candidates": {k: entry(v) for k, v in evaluation.items() if k != "teacher"},
+                               "candidates": {k: entry(v) for k, v in evaluation.items() if is_candidate(k)},
+                               "baselines": {k[len(BASELINE):]: entry(v) for k, v in evaluation.items()
+                                             if k.startswith(BASELINE)},
                                "chosen": None, "constraints": []}
     if key is not None:
         row = evaluation[key]
@@ -397,6 +468,9 @@ def build_summary(config: RunConfig, evaluation: dict[str, Any], key: str | None
                   "speedup_b1": teacher["latency_ms_b1"] / row["latency_ms_b1"],
                   "speedup_b32": teacher["latency_ms_b32"] / row["latency_ms_b32"],
                   "size_ratio": teacher["size_bytes"] / row["size_bytes"]}
+        uniform = evaluation.get(f"{BASELINE}uniform")
+        if uniform is not None:
+            chosen["beats_uniform_baseline"] = bool(row["test_accuracy"] > uniform["test_accuracy"])
         summary["chosen"] = chosen
         summary["export"] = run.result("export") if run.is_done("export") else None
         summary["constraints"] = constraint_rows(config, chosen)

@@ -10,17 +10,17 @@ from rich.table import Table
 
 
 def summary_table(summary: dict) -> Table:
-    """Teacher, candidates and the chosen model side by side."""
-    table = Table(title=f"fitformer compress ({summary['status']})")
-    for col in ("model", "test acc", "host ms b1", "host ms b32", "MB on disk", "EDP (mJ*s), first device"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    chosen = (summary.get("chosen") or {}).get("key")
+    """Teacher, baselines and candidates side by side (* marks the chosen model)."""
     first = summary["devices"][0]
-    rows = [("teacher", summary["teacher"])] + list(summary["candidates"].items())
-    for key, row in rows:
-        name = key if key == "teacher" else key[:12] + (" (chosen)" if key == chosen else "")
+    table = Table(title=f"fitformer compress ({summary['status']}); EDP modelled on {first}")
+    for col in ("model", "test acc", "ms b1", "ms b32", "MB disk", "EDP mJ*s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    chosen = (summary.get("chosen") or {}).get("key")
+    rows = [("teacher", summary["teacher"]), *summary["baselines"].items(),
+            *((k[:8] + (" *" if k == chosen else ""), v) for k, v in summary["candidates"].items())]
+    for name, row in rows:
         table.add_row(name, f"{row['test_accuracy']:.4f}", f"{row['latency_ms_b1']:.2f}",
-                      f"{row['latency_ms_b32']:.1f}", f"{row['size_bytes'] / 1e6:.2f}", f"{row['edp'][first]:.4g}")
+                      f"{row['latency_ms_b32']:.1f}", f"{row['size_bytes'] / 1e6:.2f}", f"{row['edp'][first]:.3g}")
     return table
 
 
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         result = compress(run_config, log=lambda message: console.print(f"[dim]stage[/dim] {message}"))
         console.print(summary_table(result.summary))
         chosen = result.chosen
-        console.print(f"chosen {chosen['key'][:12]}: accuracy drop {chosen['accuracy_drop_points']:.2f} points, "
+        console.print(f"chosen {chosen['key'][:8]}: accuracy drop {chosen['accuracy_drop_points']:.2f} points, "
                       f"{chosen['speedup_b32']:.2f}x faster at batch 32, {chosen['size_ratio']:.2f}x smaller on disk")
         console.print(f"report: {result.run_dir / 'report.html'}")
 
@@ -73,7 +73,10 @@ def register(app: typer.Typer) -> None:
 
     @config_app.command("example")
     def example() -> None:
-        """Print a commented YAML run configuration with every field at its default."""
+        """Print a commented YAML run configuration with every field at its default.
+
+        Example: fitformer config example > run.yaml && fitformer compress --config run.yaml
+        """
         from ..config import example_yaml
 
         typer.echo(example_yaml(), nl=False)

@@ -55,7 +55,7 @@ def pareto_figure(front: dict[str, Any], metric: str, evaluation: dict[str, Any]
     pts = sorted((h["metrics"][metric], h["metrics"]["proxy_loss"]) for h in front["front"])
     left.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, c="#1f77b4", label="Pareto front")
     left.scatter([front["teacher"][metric]], [0.0], marker="*", s=160, c="k", label="teacher", zorder=5)
-    keys = [k for k in evaluation if k != "teacher"]
+    keys = [k for k in evaluation if k != "teacher" and not k.startswith("baseline:")]
     by_key = {h["key"]: h for h in hist}
     for k in keys:
         if k in by_key:
@@ -70,15 +70,22 @@ def pareto_figure(front: dict[str, Any], metric: str, evaluation: dict[str, Any]
     for k, row in evaluation.items():
         x = row["modelled"][device][metric]
         style = {"teacher": ("*", 160, "k")}.get(k, ("D", 70, "#d62728") if k == chosen else ("s", 35, "#ff7f0e"))
+        if k.startswith("baseline:"):
+            style = ("^", 60, "#2ca02c")
         right.scatter([x], [row["test_accuracy"]], marker=style[0], s=style[1], c=style[2], zorder=5)
-        right.annotate("teacher" if k == "teacher" else k[:6], (x, row["test_accuracy"]), fontsize=7,
+        right.annotate(_name(k, 6), (x, row["test_accuracy"]), fontsize=7,
                        textcoords="offset points", xytext=(4, 4))
-    right.set_xlabel(f"{metric} on {device} (modelled)")
+    right.set_xlabel(f"{metric} on {device} (modelled); triangle: baseline")
     right.set_ylabel("test accuracy (measured)")
     fig.suptitle(device)
     uri = _png(fig)
     plt.close(fig)
     return uri
+
+
+def _name(key: str, width: int = 12) -> str:
+    """Row label: teacher, a baseline's name, or a candidate's short key."""
+    return key if key == "teacher" or key.startswith("baseline:") else key[:width]
 
 
 def layer_rows(spec: dict[str, Any]) -> list[list[Any]]:
@@ -117,11 +124,12 @@ def write_report(path: Path, config, summary: dict[str, Any], fronts: dict[str, 
     rows = []
     for k, row in evaluation.items():
         m = row["modelled"][primary]
-        rows.append([("teacher" if k == "teacher" else k[:12]) + (" (chosen)" if k == chosen else ""),
+        rows.append([_name(k) + (" (chosen)" if k == chosen else ""),
                      row["test_accuracy"], row["latency_ms_b1"], row["latency_ms_b32"], row["size_bytes"],
                      row["model_bytes"], m["latency_ms"], m["energy_mj"], m["edp_mjs"]])
-    parts += ["<h2>Teacher and candidates</h2>",
-              f"<p>Measured on this host: test accuracy, latency at batch 1 and 32 of {config.max_length} tokens, "
+    parts += ["<h2>Teacher, baselines and candidates</h2>",
+              f"<p>Measured on this host: test accuracy, latency at batch 1 and 32 of {config.max_length} tokens "
+              "(fewer if the model has fewer positions), "
               f"weights on disk. Modelled on {html.escape(primary)}: latency, energy, EDP (batch "
               f"{config.latency_batch}, {config.seq_len} tokens).</p>",
               _table(["model", "test acc", "host ms b1", "host ms b32", "bytes on disk", "predicted bytes",
@@ -129,7 +137,7 @@ def write_report(path: Path, config, summary: dict[str, Any], fronts: dict[str, 
               "<h2>Predicted against measured host latency</h2>",
               f"<p>Predicted: the analytic model of {html.escape(primary)} at the measured shapes.</p>",
               _table(["model", "predicted b1", "measured b1", "predicted b32", "measured b32"],
-                     [[("teacher" if k == "teacher" else k[:12]), r["predicted_ms_b1"], r["latency_ms_b1"],
+                     [[_name(k), r["predicted_ms_b1"], r["latency_ms_b1"],
                        r["predicted_ms_b32"], r["latency_ms_b32"]] for k, r in evaluation.items()])]
     parts.append("<h2>Pareto fronts</h2>")
     for device, front in fronts.items():
