@@ -9,6 +9,7 @@ the best approximation at that rank rather than from random cores.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -108,9 +109,16 @@ def linear_layers(model: nn.Module, patterns: Sequence[str] = ("*",), exclude: S
             and min(m.in_features, m.out_features) >= min_features}
 
 
+@functools.lru_cache(maxsize=4096)
+def _best_shape(in_features: int, out_features: int, rank: int, num_cores: int, tokens: int,
+                objective: str) -> TTShape:
+    """Enumeration is the slow part and a model repeats few layer sizes: choose once per size and rank."""
+    return choose_tensorization(in_features, out_features, rank, (num_cores,), tokens, objective=objective)
+
+
 def _shapes_at(layers: dict[str, nn.Linear], rank: int, num_cores: int, tokens: int,
                objective: str) -> dict[str, TTShape]:
-    return {n: choose_tensorization(m.in_features, m.out_features, rank, (num_cores,), tokens, objective=objective)
+    return {n: _best_shape(m.in_features, m.out_features, rank, num_cores, tokens, objective)
             for n, m in layers.items()}
 
 
