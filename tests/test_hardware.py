@@ -340,3 +340,19 @@ def test_plain_dict_steps_from_layers_become_ops():
     ops = [o for o in ops_from_module(DictSteps(), example_input=torch.randn(3, 8)) if o.kind != "dispatch"]
     assert [(o.kind, o.m, o.n, o.k) for o in ops] == [("gemm", 3, 16, 8), ("elementwise", 48, 1, 1)]
     assert ops[0].weight_bytes == 8 * 16 * 4 and ops[1].flops == 0 and ops[0].name == ".core 0"
+
+
+def test_measured_sparse_crossover_sets_what_sparsity_buys():
+    from fitformer.hardware import get_device
+    from fitformer.hardware.analytic import AnalyticModel
+    from fitformer.hardware.ops import Op
+
+    spec = get_device("laptop-i7-1185g7")  # no native sparse format
+    dense = Op(kind="gemm", m=128, n=1536, k=384)
+    sparse = Op(kind="gemm", m=128, n=1536, k=384, sparsity=0.9, sparse_format="unstructured")
+    row = {"out_features": 1536, "in_features": 384, "sparsity": 0.9, "tokens": 128}
+    faster = AnalyticModel(spec, sparse_crossover=[{**row, "speedup": 2.0}])
+    slower = AnalyticModel(spec, sparse_crossover=[{**row, "speedup": 0.4}])
+    base = faster.latency_s([dense])
+    assert faster.latency_s([sparse]) < base  # the measured kernel beat dense
+    assert slower.latency_s([sparse]) == pytest.approx(base)  # dense was faster, so execution stays dense

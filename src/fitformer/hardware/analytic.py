@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import UserError
+from ..layers.sparse import crossover_speedup
 from .ops import Op
 from .spec import DTYPE_BITS, DeviceSpec
 
@@ -97,9 +98,14 @@ class Cost:
 class AnalyticModel:
     """Roofline latency, energy and EDP of op lists on one device."""
 
-    def __init__(self, spec: DeviceSpec, efficiency: Efficiency | None = None):
+    def __init__(self, spec: DeviceSpec, efficiency: Efficiency | None = None,
+                 sparse_crossover: list[dict] | None = None):
+        """``sparse_crossover`` holds rows measured by :func:`fitformer.layers.sparse.measure_sparse_crossover`
+        on this device; with them, sparsity the hardware does not support natively costs what the measured
+        sparse kernels really gained (nothing where dense was faster, since execution then runs dense)."""
         self.spec = spec
         self.eff = efficiency or Efficiency()
+        self.sparse_crossover = sparse_crossover
 
     def _dtype(self, bits: int) -> tuple[str, bool]:
         return self.spec.dtype_for_bits(bits)
@@ -122,6 +128,8 @@ class AnalyticModel:
             if op.sparse_format and op.sparsity > 0:
                 if op.sparse_format in spec.sparsity_formats:
                     flops /= min(spec.sparse_speedup, 1.0 / (1.0 - op.sparsity))
+                elif self.sparse_crossover is not None and op.kind == "gemm":
+                    flops /= crossover_speedup(self.sparse_crossover, op.n, op.k, op.sparsity, op.m * op.batch)
                 elif eff.sparse_frac > 0 and op.sparse_format == "unstructured":
                     flops *= 1.0 - op.sparsity
                     rate = spec.peak(dtype) * eff.sparse_frac

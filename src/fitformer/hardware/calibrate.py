@@ -288,4 +288,4 @@ def host_model(threads: int | None = None, calibrate_if_missing: bool = True, qu
 
 def with_efficiency(model: AnalyticModel, **changes: float) -> AnalyticModel:
     """A copy of ``model`` with some efficiency parameters replaced."""
-    return AnalyticModel(model.spec, dataclasses.replace(model.eff, **changes))
+    return AnalyticModel(model.spec, dataclasses.replace(model.eff, **changes), model.sparse_crossover)
