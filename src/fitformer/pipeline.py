@@ -368,19 +368,14 @@ class Pipeline:
                 **self._measure(model), **self._predicted_host(spec), "modelled": self._modelled(spec)}
 
     def _save(self, student: torch.nn.Module, cand: dict[str, Any], out: Path, accuracy: float) -> Path:
-        """``save_compressed`` with the dense base's config in ``config.json``: loading rebuilds the base and
-        re-applies the whole plan, sub-network extraction included (the student's own config is already
-        the extracted one)."""
+        """``save_compressed`` with the dense base's config: loading rebuilds the base and re-applies the
+        whole plan, sub-network extraction included."""
         from .export import save_compressed
 
-        own = student.config
-        student.config = self.teacher.model.config
-        try:
-            meta = {"label_names": self.teacher.label_names, "max_length": self.config.max_length,
-                    "test_accuracy": accuracy, "base_model": self.config.model}
-            return save_compressed(student, _plan(cand), self.teacher.tokenizer, out, meta)
-        finally:
-            student.config = own
+        meta = {"label_names": self.teacher.label_names, "max_length": self.config.max_length,
+                "test_accuracy": accuracy, "base_model": self.config.model}
+        return save_compressed(student, _plan(cand), self.teacher.tokenizer, out, meta,
+                               base_config=self.teacher.model.config)
 
     def _export_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
         cand = self._candidate(key)

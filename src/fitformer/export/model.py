@@ -30,14 +30,19 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save_compressed(
-    model: torch.nn.Module, plan: CompressionPlan, tokenizer, out_dir: str | Path, meta: dict[str, Any]
+    model: torch.nn.Module, plan: CompressionPlan, tokenizer, out_dir: str | Path, meta: dict[str, Any],
+    base_config: Any = None,
 ) -> Path:
-    """Write a compressed classifier to ``out_dir`` atomically (a temporary directory renamed into place)."""
+    """Write a compressed classifier to ``out_dir`` atomically (a temporary directory renamed into place).
+
+    ``base_config`` is the config of the dense model the plan was applied to (default: ``model.config``,
+    right unless the plan has model steps such as sub-network extraction, which change the model's config).
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.config.save_pretrained(str(tmp))
+        (base_config if base_config is not None else model.config).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n", encoding="utf-8")
         save_model(model, str(tmp / WEIGHTS_FILE))
