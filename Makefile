@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/fitformer demo
+	$(VENV)/bin/fitformer demo --out runs/demo
 
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks

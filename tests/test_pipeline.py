@@ -75,7 +75,12 @@ def test_export_loads_back_and_predicts(finished_run, sentiment_data):
     card = (finished_run / "MODEL_CARD.md").read_text()
     assert "fitformer.load" in card
     onnx = json.loads((finished_run / "summary.json").read_text())["export"]["onnx"]
-    assert onnx == "model.onnx" and (finished_run / "model.onnx").stat().st_size > 0 or onnx.startswith("not exported")
+    assert onnx.startswith("model.onnx") and (finished_run / "model.onnx").stat().st_size > 0 \
+        or onnx.startswith("not exported")
+    evaluation = json.loads((finished_run / "evaluate.json").read_text())
+    chosen = json.loads((finished_run / "summary.json").read_text())["chosen"]["key"]
+    if evaluation[chosen]["runtime"] == "onnxruntime-int8":  # measured as it ships: packed weights, int8 ONNX
+        assert model.meta["weights"] == "packed" and "integer" in onnx
 
 
 def test_rerun_skips_finished_stages(run_args, finished_run):
@@ -144,3 +149,28 @@ def test_choose_picks_lowest_objective_within_drop_and_names_closest_otherwise()
     assert choose(evaluation, config) == ("bbb", "feasible")  # ccc is faster but drops 10 points
     key, reason = choose(evaluation, RunConfig(devices=["raspberry-pi-4"], max_accuracy_drop=0.1))
     assert key is None and "aaa" in reason and "0.50 points" in reason  # baselines are never chosen
+
+
+def test_ladder_walks_down_the_front_then_fills():
+    from fitformer.pipeline import ladder
+
+    rows = [{"key": k, "metrics": {"latency_ms": v}} for k, v in
+            [("a", 10.0), ("b", 9.5), ("c", 8.0), ("d", 7.9), ("e", 6.0)]]
+    assert [r["key"] for r in ladder(rows, "latency_ms", 3)] == ["a", "c", "e"]
+    assert [r["key"] for r in ladder(rows, "latency_ms", 4)] == ["a", "c", "e", "b"]
+    assert [r["key"] for r in ladder(rows[:1], "latency_ms", 3)] == ["a"]
+
+
+def test_quick_preset_ships_an_int8_model_with_packed_weights(run_args, tmp_path):
+    """The demo's preset: every searched layer and the word embedding in int8, measured in onnxruntime on
+    integer kernels, exported with packed weights that load back."""
+    args, _ = run_args
+    args = [a if not a.endswith("run") else str(tmp_path / "quick") for a in args] + ["--preset", "quick"]
+    assert _cli(args) == 0
+    evaluation = json.loads((tmp_path / "quick" / "evaluate.json").read_text())
+    candidates = json.loads((tmp_path / "quick" / "candidates.json").read_text())
+    assert all(x["bits"] == 8 and x["format"] == "dense" for c in candidates for x in c["spec"]["layers"])
+    assert all(c["spec"]["embedding"]["bits"] == 8 for c in candidates)
+    assert {evaluation[c["key"]]["runtime"] for c in candidates} == {"onnxruntime-int8"}
+    model = fitformer.load(tmp_path / "quick")
+    assert model.meta["weights"] == "packed" and len(model.predict(["a fine film"])) == 1

@@ -20,9 +20,12 @@ OBJECTIVE_METRICS = {"latency": "latency_ms", "energy": "energy_mj", "edp": "edp
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The demo: a small search, two candidates, a short distillation; a 1-epoch teacher on a fresh machine.
-    "quick": {"teacher_epochs": 1, "search_budget": 150, "candidates": 2, "budget_minutes": 8.0,
-              "distill_max_train_examples": 4000, "latency_repeats": 10},
-    # A longer search and more, longer-distilled candidates.
+    # Structured sub-networks (depth, heads, FFN) of int8 layers and an int8 embedding, run on integer kernels:
+    # they distil well in minutes.
+    "quick": {"teacher_epochs": 1, "search_budget": 150, "candidates": 2, "budget_minutes": 6.0,
+              "distill_max_train_examples": 4000, "latency_repeats": 10, "formats": ["dense"], "bits": [8],
+              "embedding": True, "distill_schedule": "logits_kd"},
+    # A longer search over every format and more, longer-distilled candidates.
     "thorough": {"teacher_epochs": 3, "search_budget": 600, "candidates": 4, "budget_minutes": 60.0,
                  "distill_max_train_examples": None, "latency_repeats": 30},
 }
@@ -58,8 +61,20 @@ class RunConfig(BaseModel):
     candidates: int = Field(3, ge=1, le=16, description="Plans distilled and measured (lowest proxy first).")
     min_gain: float = Field(1.5, ge=1.0, description="A candidate must beat the teacher's objective on its "
                                                      "device by at least this factor.")
+    formats: list[Literal["dense", "lowrank", "tt"]] = Field(
+        ["dense", "lowrank", "tt"], min_length=1, description="Layer formats the search may choose per layer.")
+    ranks: list[int] = Field([32, 64, 128], min_length=1, description="Low-rank and TT ranks the search may "
+                                                                       "choose (higher keeps more accuracy).")
+    bits: list[Literal[4, 8, 32]] = Field([32, 8], min_length=1, description="Weight bit widths the search may "
+                                          "choose (8 and 4 run with 8-bit activations on integer kernels).")
+    sparsities: list[float] = Field([0.0], min_length=1, description="Balanced (N:4) weight sparsities the "
+                                                                     "search may choose, e.g. [0.0, 0.5].")
+    embedding: bool = Field(False, description="Also search the word embedding's format (TT embedding, bits): "
+                                               "needed for large size reductions, costs accuracy.")
     distill_max_train_examples: int | None = Field(None, ge=2, description="Training examples used by "
                                                                            "distillation (None: all).")
+    distill_schedule: Literal["progressive", "two_stage", "logits_kd", "finetune_only"] = Field(
+        "progressive", description="Distillation schedule (docs/distillation.md); logits_kd suits short budgets.")
     distill_batch_size: int = Field(32, ge=1, description="Distillation batch size.")
     seq_len: int = Field(128, ge=1, description="Tokens per example of the cost model.")
     latency_batch: int = Field(1, ge=1, description="Batch size of the cost model.")
@@ -74,6 +89,13 @@ class RunConfig(BaseModel):
             raise ValueError("give either task or data, not both")
         if not 1 <= len(self.text_col) <= 2:
             raise ValueError("text_col takes one column, or two for sentence pairs")
+        if min(self.ranks) < 1:
+            raise ValueError(f"ranks {self.ranks}: use positive integers")
+        if any(not 0.0 <= x < 1.0 for x in self.sparsities):
+            raise ValueError(f"sparsities {self.sparsities}: use fractions in [0, 1)")
+        if 32 not in self.bits and ("lowrank" in self.formats or any(self.sparsities)):
+            raise ValueError("low-rank and sparse layers run in float: add 32 to bits, or drop them from "
+                             "formats/sparsities")
         if len(set(self.devices)) != len(self.devices):
             raise ValueError(f"devices {self.devices} repeat a device; list each once")
         return self
@@ -127,8 +149,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--config {path}: not UTF-8 text (byte {exc.start}); re-save the file as UTF-8") from None
+    except RecursionError:
+        raise UserError(f"--config {path}: nested too deeply; settings are flat, see `fitformer config example`") \
+            from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of settings, e.g. 'devices: [raspberry-pi-4]'")
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:
+        raise UserError(f"--config {path}: setting name {odd[0]!r} is not a name; see `fitformer config example`")
     data.pop("preset", None)
     return data
 

@@ -13,6 +13,9 @@ feasible candidate with the lowest objective on the first (primary) device.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,13 +118,17 @@ class Pipeline:
         chosen, reason = choose(evaluation, c)
         if chosen is None:
             self._stage("report", lambda run: self._report_stage(run, evaluation, None))
-            raise InfeasibleError(reason)
-        uniform = self._stage("baseline-uniform", lambda run: self._uniform_stage(run, chosen))
+            raise InfeasibleError(f"{reason}; report: {self.run.file('report.html')}")
+        uniform = self.uniform_baseline(chosen)
         evaluation = {**evaluation, f"{BASELINE}uniform": uniform}
         self._stage("export", lambda run: self._export_stage(run, chosen))
         summary = self._stage("report", lambda run: self._report_stage(run, evaluation, chosen))
         fronts = {d: read_json(self.run.file(f"search/{_device_slug(d)}.json"))["front"] for d in c.devices}
         return CompressResult(self.run.path, summary, fronts)
+
+    def uniform_baseline(self, key: str) -> dict[str, Any]:
+        """The uniform heuristic baseline at the size of candidate ``key`` (a stage: kept in the run)."""
+        return self._stage("baseline-uniform", lambda run: self._uniform_stage(run, key))
 
     # ------------------------------------------------------------------ stages
     def _teacher_stage(self, run: RunDir) -> tuple[Any, list[str]]:
@@ -142,7 +149,9 @@ class Pipeline:
         h, heads, ffn = shape.hidden_size, shape.num_heads, shape.intermediate_size
         space_config = SpaceConfig(depths=tuple(range(max(1, shape.num_layers // 2), shape.num_layers + 1)),
                                    hidden_sizes=(h,), heads=tuple(sorted({max(1, heads // 2), heads})),
-                                   ffn_sizes=tuple(sorted({ffn // 4, ffn // 2, ffn})), embedding=False)
+                                   ffn_sizes=tuple(sorted({ffn // 4, ffn // 2, ffn})), embedding=c.embedding,
+                                   formats=tuple(c.formats), ranks=tuple(c.ranks), bits=tuple(c.bits),
+                                   sparsities=tuple(c.sparsities))
         space = DesignSpace(shape, space_config, device_limits(spec))
         cost = AnalyticCost(spec, shape, (c.latency_batch, c.seq_len))
         evaluator = CombinedEvaluator(cost, WeightErrorProxy.from_model(self.teacher.model, shape))
@@ -204,7 +213,7 @@ class Pipeline:
                                "model_bytes": x["model_bytes"], "modelled": modelled})
                 elif closest is None or worst < closest[0]:
                     closest = (worst, device, violations)
-            per_device.append(ok[: c.candidates])  # the most accurate by proxy that still gain enough
+            per_device.append(ladder(ok, metric, c.candidates))
         picked: list[dict[str, Any]] = []
         for row in _interleave(per_device):
             if row["key"] not in {p["key"] for p in picked} and len(picked) < c.candidates:
@@ -234,18 +243,20 @@ class Pipeline:
         return student.eval()
 
     def _distill_stage(self, run: RunDir, cand: dict[str, Any], index: int) -> tuple[Any, list[str]]:
+        out = f"distill/{cand['key'][:12]}"
+        result = self._distill(self._student(self._candidate(cand["key"]), None), out)
+        return {"key": cand["key"], **{k: v for k, v in result.to_dict().items() if k != "history"}}, \
+            [f"{out}/best/model.safetensors"]
+
+    def _distill(self, student: torch.nn.Module, out: str):
+        """Distil ``student`` from the teacher for one candidate's share of the budget into ``RUN/out``."""
         from .train import DistillConfig, DistillData, distill
 
         c = self.config
-        full = self._candidate(cand["key"])
-        student = self._student(full, None)
         data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)
-        config = DistillConfig(schedule="progressive", budget_minutes=c.budget_minutes / c.candidates,
+        config = DistillConfig(schedule=c.distill_schedule, budget_minutes=c.budget_minutes / c.candidates,
                                batch_size=c.distill_batch_size, seed=c.seed)
-        out = f"distill/{cand['key'][:12]}"
-        result = distill(student, self.teacher.model, data, config, run.file(out))
-        return {"key": cand["key"], **{k: v for k, v in result.to_dict().items() if k != "history"}}, \
-            [f"{out}/best/model.safetensors"]
+        return distill(student, self.teacher.model, data, config, self.run.file(out))
 
     def _uniform_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
         """Baseline (HEAT's heuristic): every encoder linear as a 3-core TT-matrix with one rank and one bit
@@ -276,23 +287,17 @@ class Pipeline:
             low, high = (mid, high) if uniform(mid).weight_bytes() <= target else (low, mid - 1)
         spec = uniform(low).to_dict()
         cand = {"key": "uniform", "spec": spec, "plan": spec_to_plan(CandidateSpec.from_dict(spec), shape).to_dict()}
-        student = self._student(cand, None)
-        from .train import DistillConfig, DistillData, distill
-
-        data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)
-        distill(student, self.teacher.model, data, DistillConfig(
-            schedule="progressive", budget_minutes=c.budget_minutes / c.candidates, batch_size=c.distill_batch_size,
-            seed=c.seed), run.file("distill/uniform"))
-        accuracy = self.teacher.evaluate("test", model=student).accuracy
-        saved = self._save(student, cand, run.file("baselines/uniform"), accuracy)
-        row = {"test_accuracy": accuracy, "size_bytes": (saved / "model.safetensors").stat().st_size,
-               "model_bytes": CandidateSpec.from_dict(spec).weight_bytes() + first["rest_bytes"], "rank": low,
-               "bits": bits, **self._measure(student), **self._predicted_host(spec), "modelled": self._modelled(spec)}
+        self._distill(self._student(cand, None), "distill/uniform")
+        student = self._student(cand, run.file("distill/uniform/best/model.safetensors"))
+        deployed = self._deploy(student, cand, run.file("baselines/uniform"))
+        row = {**deployed, "model_bytes": CandidateSpec.from_dict(spec).weight_bytes() + first["rest_bytes"],
+               "rank": low, "bits": bits, "spec": spec, **self._predicted_host(spec), "modelled": self._modelled(spec)}
         return row, ["baselines/uniform/model.safetensors", "distill/uniform/best/model.safetensors"]
 
-    def _measure(self, model: torch.nn.Module) -> dict[str, float]:
+    def _measure(self, model: torch.nn.Module, session: Any = None) -> dict[str, float]:
         """Host latency (ms) at batch 1 and 32 of ``max_length`` tokens (fewer if the model has fewer
-        positions): trimmed mean of wall-clock calls."""
+        positions): trimmed mean of wall-clock calls, of ``session`` (onnxruntime) if given, else of ``model``."""
+        from .export.onnx_quant import ort_logits
         from .hardware.timing import measure
 
         c = self.config
@@ -303,15 +308,47 @@ class Pipeline:
         out = {}
         for batch in (1, 32):
             ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0))
-            mask = torch.ones_like(ids)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                      "token_type_ids": torch.zeros_like(ids)}
 
-            def call(ids=ids, mask=mask):
+            def call(inputs=inputs):
+                if session is not None:
+                    ort_logits(session, inputs)
+                    return
                 with torch.inference_mode():
-                    model(input_ids=ids, attention_mask=mask)
+                    model(**inputs)
 
             repeats = c.latency_repeats if batch == 1 else max(3, c.latency_repeats // 4)
             out[f"latency_ms_b{batch}"] = measure(call, warmup=2, repeats=repeats, max_seconds=20).mean_ms
         return out
+
+    def _deploy(self, student: torch.nn.Module, cand: dict[str, Any], out: Path) -> dict[str, Any]:
+        """Save a model as it ships and measure it as it runs. A quantized model is frozen, saved with packed
+        integer weights and run in onnxruntime on integer kernels (its accuracy is the onnxruntime model's);
+        a float model runs in PyTorch. ``size_bytes`` is the weights file on disk."""
+        from .compress.quant import freeze, is_quantized
+        from .export.model import WEIGHTS_FILE
+
+        t = self.teacher
+        if not is_quantized(student):
+            accuracy = t.evaluate("test", model=student).accuracy
+            saved = self._save(student, cand, out, accuracy)
+            return {"runtime": "pytorch", "test_accuracy": accuracy,
+                    "size_bytes": (saved / WEIGHTS_FILE).stat().st_size, **self._measure(student)}
+        from .export.onnx_quant import export_quantized_onnx, ort_predict, ort_session
+
+        frozen = freeze(student)
+        onnx_path = out.with_suffix(".onnx")
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        export_quantized_onnx(frozen, onnx_path, "integer")
+        session = ort_session(onnx_path, self.config.threads or torch.get_num_threads())
+        test = t.encoded("test")
+        predictions = ort_predict(session, test).argmax(dim=-1)
+        accuracy = float((predictions == test.labels).float().mean())
+        saved = self._save(frozen, cand, out, accuracy)
+        return {"runtime": "onnxruntime-int8", "test_accuracy": accuracy,
+                "size_bytes": (saved / WEIGHTS_FILE).stat().st_size, "onnx_bytes": onnx_path.stat().st_size,
+                **self._measure(frozen, session)}
 
     def _predicted_host(self, spec_dict: dict[str, Any]) -> dict[str, float]:
         """Modelled latency on the primary device at the measured shapes (predicted against measured)."""
@@ -324,27 +361,29 @@ class Pipeline:
         return {f"predicted_ms_b{b}": AnalyticCost(device, shape, (b, c.max_length))(spec)["latency_ms"]
                 for b in (1, 32)}
 
-    def _evaluate_stage(self, run: RunDir) -> tuple[Any, list[str]]:
+    def evaluate_teacher(self) -> dict[str, Any]:
+        """The dense teacher as an evaluation row: test accuracy, host latency, file size, modelled cost."""
         t = self.teacher
+        first = read_json(self.run.file(f"search/{_device_slug(self.config.devices[0])}.json"))
+        teacher_spec = first["teacher"]["spec"]
+        return {"runtime": "pytorch", "test_accuracy": t.evaluate("test").accuracy,
+                "size_bytes": (t.model_dir / "model.safetensors").stat().st_size,
+                "model_bytes": first["teacher"]["model_bytes"], **self._measure(t.model),
+                **self._predicted_host(teacher_spec), "modelled": self._modelled(teacher_spec)}
+
+    def _evaluate_stage(self, run: RunDir) -> tuple[Any, list[str]]:
         first = read_json(run.file(f"search/{_device_slug(self.config.devices[0])}.json"))
         teacher_spec = first["teacher"]["spec"]
-        size = (t.model_dir / "model.safetensors").stat().st_size
-        rows = {"teacher": {"test_accuracy": t.evaluate("test").accuracy, "size_bytes": size,
-                            "model_bytes": first["teacher"]["model_bytes"],
-                            **self._measure(t.model), **self._predicted_host(teacher_spec),
-                            "modelled": self._modelled(teacher_spec)}}
+        rows = {"teacher": self.evaluate_teacher()}
         rows[f"{BASELINE}dynamic_int8"] = self._dynamic_int8(run, teacher_spec, first["rest_bytes"])
         files = ["baselines/dynamic_int8.pt"]
         for cand in read_json(run.file("candidates.json")):
             short = cand["key"][:12]
             student = self._student(cand, run.file(f"distill/{short}/best/model.safetensors"))
-            test = t.evaluate("test", model=student)
-            saved = self._save(student, cand, run.file(f"candidates/{short}"), test.accuracy)
+            deployed = self._deploy(student, cand, run.file(f"candidates/{short}"))
             files.append(f"candidates/{short}/model.safetensors")
-            rows[cand["key"]] = {"test_accuracy": test.accuracy, "size_bytes": (saved / "model.safetensors").stat()
-                                 .st_size, "model_bytes": cand["model_bytes"], "device": cand["device"],
-                                 **self._measure(student), **self._predicted_host(cand["spec"]),
-                                 "modelled": cand["modelled"]}
+            rows[cand["key"]] = {**deployed, "model_bytes": cand["model_bytes"], "device": cand["device"],
+                                 **self._predicted_host(cand["spec"]), "modelled": cand["modelled"]}
         write_json_atomic(run.file("evaluate.json"), rows)
         return rows, ["evaluate.json", *files]
 
@@ -363,7 +402,7 @@ class Pipeline:
         torch.save(model.state_dict(), path)
         spec = CandidateSpec.from_dict(teacher_spec)
         spec = replace(spec, layers=tuple(replace(x, bits=8) for x in spec.layers)).to_dict()
-        return {"test_accuracy": self.teacher.evaluate("test", model=model).accuracy,
+        return {"runtime": "pytorch", "test_accuracy": self.teacher.evaluate("test", model=model).accuracy,
                 "size_bytes": path.stat().st_size, "model_bytes": CandidateSpec.from_dict(spec).weight_bytes() + rest,
                 **self._measure(model), **self._predicted_host(spec), "modelled": self._modelled(spec)}
 
@@ -378,19 +417,32 @@ class Pipeline:
                                base_config=self.teacher.model.config)
 
     def _export_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
+        """Copy the chosen candidate's saved model (and its integer ONNX) to ``RUN/model``; float models are
+        exported to ONNX here."""
         cand = self._candidate(key)
         evaluation = self.run.result("evaluate")
-        student = self._student(cand, run.file(f"distill/{key[:12]}/best/model.safetensors"))
-        model_dir = self._save(student, cand, run.file("model"), evaluation[key]["test_accuracy"])
-        files = [f"model/{p.name}" for p in sorted(model_dir.iterdir()) if p.is_file()]
+        source = run.file(f"candidates/{key[:12]}")
+        target = run.file("model")
+        with tempfile.TemporaryDirectory(dir=run.path) as tmp:
+            shutil.copytree(source, Path(tmp) / "model")
+            if target.exists():
+                shutil.rmtree(target)
+            (Path(tmp) / "model").rename(target)
+        files = [f"model/{p.name}" for p in sorted(target.iterdir()) if p.is_file()]
         onnx_status = "skipped (onnx: false)"
         if self.config.onnx:
+            quantized_onnx = source.with_suffix(".onnx")
             try:
-                from .export.onnx_quant import export_onnx
+                if quantized_onnx.exists():
+                    shutil.copyfile(quantized_onnx, run.file("model.onnx.part"))
+                    os.replace(run.file("model.onnx.part"), run.file("model.onnx"))
+                else:
+                    from .export.onnx_quant import export_onnx
 
-                export_onnx(copy.deepcopy(student), run.file("model.onnx"), seq_len=16)
+                    student = self._student(cand, run.file(f"distill/{key[:12]}/best/model.safetensors"))
+                    export_onnx(student, run.file("model.onnx"), seq_len=16)
                 files.append("model.onnx")
-                onnx_status = "model.onnx"
+                onnx_status = "model.onnx (integer kernels)" if quantized_onnx.exists() else "model.onnx"
             except Exception as exc:  # an operator the exporter cannot handle: record it, keep the run
                 onnx_status = f"not exported: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         write_text_atomic(run.file("MODEL_CARD.md"), model_card(self.config, cand, evaluation, onnx_status))
@@ -413,6 +465,18 @@ def _plan(cand: dict[str, Any]):
     from .compress import CompressionPlan
 
     return CompressionPlan.from_dict(cand["plan"])
+
+
+def ladder(rows: list[dict[str, Any]], metric: str, n: int, step: float = 0.85) -> list[dict[str, Any]]:
+    """Up to ``n`` rows (sorted by proxy, best first) walking down the front: the most accurate by proxy, then
+    each next one at least ``1 / step`` times better on ``metric`` than the last, so candidates differ in how
+    hard they compress; rows skipped on the way fill any places left."""
+    picked: list[dict[str, Any]] = []
+    for x in rows:
+        if len(picked) < n and (not picked or x["metrics"][metric] <= step * picked[-1]["metrics"][metric]):
+            picked.append(x)
+    picked += [x for x in rows if x not in picked][: n - len(picked)]
+    return picked
 
 
 def _interleave(lists: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -442,7 +506,8 @@ def build_summary(config: RunConfig, evaluation: dict[str, Any], key: str | None
     teacher = evaluation["teacher"]
 
     def entry(row: dict[str, Any]) -> dict[str, Any]:
-        return {"test_accuracy": row["test_accuracy"], "latency_ms_b1": row["latency_ms_b1"],
+        return {"runtime": row.get("runtime", "pytorch"), "test_accuracy": row["test_accuracy"],
+                "latency_ms_b1": row["latency_ms_b1"],
                 "latency_ms_b32": row["latency_ms_b32"], "size_bytes": row["size_bytes"],
                 "predicted_model_bytes": row["model_bytes"],
                 "predicted_ms_b1": row["predicted_ms_b1"], "predicted_ms_b32": row["predicted_ms_b32"],
@@ -497,6 +562,7 @@ def model_card(config: RunConfig, cand: dict[str, Any], evaluation: dict[str, An
         f"Made by `fitformer compress` from `{config.model}` on `{config.data or config.task or 'rotten-tomatoes'}`, "
         f"searched for `{cand['device']}` (objective: {config.objective}).", "",
         "| | teacher | this model |", "| --- | --- | --- |",
+        f"| runtime measured | {teacher.get('runtime', 'pytorch')} | {row.get('runtime', 'pytorch')} |",
         f"| test accuracy | {teacher['test_accuracy']:.4f} | {row['test_accuracy']:.4f} |",
         f"| host latency, batch 1 (ms) | {teacher['latency_ms_b1']:.2f} | {row['latency_ms_b1']:.2f} |",
         f"| host latency, batch 32 (ms) | {teacher['latency_ms_b32']:.2f} | {row['latency_ms_b32']:.2f} |",
@@ -505,7 +571,13 @@ def model_card(config: RunConfig, cand: dict[str, Any], evaluation: dict[str, An
         f"FFN {arch['ffn']}.", "",
         "## Load", "", "```python", "import fitformer", "", f"model = fitformer.load({str(config.out)!r})",
         "print(model.predict(['a fine film']))", "```", "",
-        f"ONNX: {onnx_status}.", "", "The compression plan is `model/plan.json`; `report.html` has the details.", ""]
+        f"ONNX: {onnx_status}.", "",
+        *(["The weights are int8 codes packed in `model/model.safetensors` (with their step sizes); "
+           "`model.onnx` runs them on onnxruntime's integer GEMMs, as measured above:", "", "```python",
+           "import onnxruntime", "", "session = onnxruntime.InferenceSession('model.onnx')",
+           "# inputs: input_ids, attention_mask, token_type_ids (int64, batch x tokens); output: logits", "```", ""]
+          if row.get("runtime") == "onnxruntime-int8" else []),
+        "The compression plan is `model/plan.json`; `report.html` has the details.", ""]
     return "\n".join(lines)
 
 

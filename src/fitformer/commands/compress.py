@@ -24,6 +24,20 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
+def run_and_print(run_config) -> None:
+    """Run (or resume) ``compress`` with stage lines, then the summary table and the report's path."""
+    from ..pipeline import compress
+
+    console = Console()
+    result = compress(run_config, log=lambda message: console.print(f"[dim]stage[/dim] {message}"))
+    console.print(summary_table(result.summary))
+    chosen = result.chosen
+    console.print(f"chosen {chosen['key'][:8]} ({chosen['runtime']}): accuracy drop "
+                  f"{chosen['accuracy_drop_points']:.2f} points, {chosen['speedup_b32']:.2f}x faster at batch 32, "
+                  f"{chosen['size_ratio']:.2f}x smaller on disk")
+    console.print(f"report: {result.run_dir / 'report.html'}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("compress")
     def compress_cmd(
@@ -52,21 +66,24 @@ def register(app: typer.Typer) -> None:
         Example: fitformer compress --preset quick -d raspberry-pi-4 --max-accuracy-drop 1 --out runs/demo
         """
         from ..config import build_config
-        from ..pipeline import compress
-
         run_config = build_config(
             preset, config, model=model, task=task, data=data, text_col=text_col, label_col=label_col,
             devices=device, max_latency_ms=max_latency_ms, max_accuracy_drop=max_accuracy_drop,
             max_size_mb=max_size_mb, objective=objective, budget_minutes=budget_minutes, out=out,
             search_budget=search_budget, candidates=candidates, teacher_epochs=teacher_epochs, threads=threads,
             seed=seed)
-        console = Console()
-        result = compress(run_config, log=lambda message: console.print(f"[dim]stage[/dim] {message}"))
-        console.print(summary_table(result.summary))
-        chosen = result.chosen
-        console.print(f"chosen {chosen['key'][:8]}: accuracy drop {chosen['accuracy_drop_points']:.2f} points, "
-                      f"{chosen['speedup_b32']:.2f}x faster at batch 32, {chosen['size_ratio']:.2f}x smaller on disk")
-        console.print(f"report: {result.run_dir / 'report.html'}")
+        run_and_print(run_config)
+
+    @app.command()
+    def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory (rerun to resume).")
+             ) -> None:
+        """The main job on the built-in default: ``compress --preset quick`` of MiniLM-L6 on rotten-tomatoes.
+
+        Example: fitformer demo --out runs/demo
+        """
+        from ..config import build_config
+
+        run_and_print(build_config("quick", out=out))
 
     config_app = typer.Typer(help="Run configurations for fitformer compress.", no_args_is_help=True)
     app.add_typer(config_app, name="config")

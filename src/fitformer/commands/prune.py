@@ -28,6 +28,8 @@ def parse_nm(text: str) -> tuple[int, int]:
         n, m = (int(v) for v in text.split(":"))
     except ValueError:
         raise UserError(f"--nm '{text}': write it as N:M, e.g. 2:4") from None
+    if not (m >= 1 and 0 <= n <= m):
+        raise UserError(f"N:M sparsity needs integers 0 <= n <= m and m >= 1, got {n}:{m}; use e.g. 2:4")
     return n, m
 
 
@@ -47,6 +49,7 @@ def register(app: typer.Typer) -> None:
         Data-free and one-shot; for pruning during distillation use the Python API (GradualPruner).
         Example: fitformer prune -m runs/teacher --heads 0.25 --ffn 0.5 --nm 2:4 -o runs/pruned
         """
+        nm_pair = parse_nm(nm) if nm else None  # bad input fails before anything is written
         net, tokenizer = load_pruned_classifier(resolve_model_dir(model))
         before = count_parameters(net)
         plan = StructuredPrunePlan(drop_layers=tuple(drop_layer or ()), prune_heads=heads, prune_ffn=ffn).resolve(net)
@@ -54,8 +57,8 @@ def register(app: typer.Typer) -> None:
         save_classifier(small, tokenizer, out, {"plan": CompressionPlan(model_steps=[plan]).to_dict()})
         result = {"out": str(out), "parameters_before": before, "parameters_after": count_parameters(small),
                   "layer_shapes": layer_shapes(small)}
-        if nm:
-            n, m = parse_nm(nm)
+        if nm_pair is not None:
+            n, m = nm_pair
             sparse = apply_plan(small, CompressionPlan(layers={k: [BalancedSparsityPlan(n, m, kernel="dense")]
                                                                for k in ENCODER_LINEARS}))
             result["hp_files_bytes"] = save_hp_state(sparse, Path(out) / "hp")

@@ -47,7 +47,11 @@ def register(app: typer.Typer) -> None:
         if spec is not None:
             if not spec.is_file():
                 raise UserError(f"--spec {spec}: no such file; pass a JSON file")
-            plan_spec = spec_from_dict(read_json(spec))
+            try:
+                raw = read_json(spec)
+            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+                raise UserError(f"--spec {spec}: not valid JSON ({str(exc).splitlines()[0]})") from None
+            plan_spec = spec_from_dict(raw)
         else:
             plan_spec = QuantPlan(weight_bits, act_bits or None, not per_tensor, not asymmetric).validate()
         net, tokenizer = load_classifier(model)

@@ -53,11 +53,14 @@ def _run(space, cost, evaluator, algorithm: str, budget: int, seed: int, workers
 
     if algorithm not in ALGORITHMS:
         raise UserError(f"--algorithm {algorithm}: choose from {', '.join(ALGORITHMS)}")
+    if budget < 1:
+        raise UserError(f"budget {budget}: evaluate at least one candidate")
     problem = Problem(space, cost, evaluator, objectives=("proxy_loss", "latency_ms"),
                       limits={"size_bytes": cost.device.dram_bytes.value})
-    store = RunStore(store_path) if store_path is not None else None
-    executor = make_executor(evaluator, workers=workers, backend=backend, address=address)
+    executor = make_executor(evaluator, workers=workers, backend=backend, address=address)  # checks its options
+    store = None
     try:
+        store = RunStore(store_path) if store_path is not None else None
         if store is not None:
             store.check_meta({"algorithm": algorithm, "seed": seed, "device": cost.device.name,
                               "genes": len(space)})

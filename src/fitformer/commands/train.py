@@ -1,4 +1,4 @@
-"""``fitformer finetune``, ``fitformer evaluate`` and ``fitformer demo``."""
+"""``fitformer finetune`` and ``fitformer evaluate``."""
 
 from __future__ import annotations
 
@@ -100,13 +100,3 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(result.to_dict(), indent=2))
         else:
             print_eval(result, split)
-
-    @app.command()
-    def demo() -> None:
-        """The main job on the built-in default (MiniLM-L6 on rotten-tomatoes): fine-tune and evaluate.
-
-        Example: fitformer demo
-        """
-        teacher = get_teacher()
-        print_eval(teacher.evaluate("test"), "teacher on the rotten-tomatoes test split")
-        Console().print(f"teacher checkpoint: {teacher.model_dir}")

@@ -40,13 +40,17 @@ def _read_rows(path: Path) -> tuple[list[dict[str, object]], list[str], int]:
     if kind == "jsonl":
         rows: list[dict[str, object]] = []
         columns: dict[str, None] = {}
-        for number, line in enumerate(text.splitlines(), start=1):
+        # JSON Lines ends lines with "\n" only: U+2028 and friends may appear raw inside a string value.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg}); one object per line") from None
+            except (RecursionError, ValueError) as exc:  # deeper than the stack; an integer over 4300 digits
+                why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0]
+                raise UserError(f"{path}: line {number} cannot be read ({why}); one flat object per line") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}: line {number} is not a JSON object; one object per line")
             row["__line__"] = number

@@ -5,6 +5,10 @@ A compressed model is stored as the Hugging Face config of its dense base (``con
 the tokenizer, and ``fitformer.json`` (label names, max length, metrics). Loading rebuilds the base
 architecture without pretrained weights, applies the plan to get the same module structure, and loads the
 saved weights strictly, so the reloaded model is the saved one.
+
+A frozen quantized model (:func:`fitformer.compress.quant.freeze`) is saved with its integer weights packed
+(int4: two per byte, see :mod:`fitformer.export.quantized`), so the file on disk is as small as the plan
+says; ``fitformer.json`` records ``"weights": "packed"`` and loading unpacks them into a frozen model.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from ..compress import CompressionPlan, apply_plan
 from ..data import TextDataset, encode
 from ..errors import UserError
+from ..layers.quant import quant_modules, quantizers
 from ..models.hf import FITFORMER_META, load_tokenizer
+from .quantized import load_into, read_quantized, save_quantized
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
+PACKED = "packed"  # fitformer.json "weights": integer codes packed by save_quantized
 
 
 def save_compressed(
@@ -45,7 +52,11 @@ def save_compressed(
         (base_config if base_config is not None else model.config).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n", encoding="utf-8")
-        save_model(model, str(tmp / WEIGHTS_FILE))
+        if _is_frozen_quantized(model):
+            save_quantized(model, tmp / WEIGHTS_FILE)
+            meta = {**meta, "weights": PACKED}
+        else:
+            save_model(model, str(tmp / WEIGHTS_FILE))
         (tmp / FITFORMER_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -65,6 +76,14 @@ def load_compressed(model_dir: str | Path) -> tuple[torch.nn.Module, Any, dict[s
     base = AutoModelForSequenceClassification.from_config(config)  # structure; weights overwritten below
     plan = CompressionPlan.from_dict(json.loads((path / PLAN_FILE).read_text(encoding="utf-8")))
     model = apply_plan(base, plan)
+    meta = json.loads((path / FITFORMER_META).read_text(encoding="utf-8"))
+    if meta.get("weights") == PACKED:
+        state, _ = read_quantized(path / WEIGHTS_FILE)
+        for q in quantizers(model):
+            q.initialized.fill_(True)
+        for m in quant_modules(model):
+            m[1].freeze()
+        return load_into(model, state).eval(), load_tokenizer(path), meta
     state = load_file(str(path / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -73,8 +92,12 @@ def load_compressed(model_dir: str | Path) -> tuple[torch.nn.Module, Any, dict[s
         raise UserError(f"{path}: weights do not match the plan (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); the directory is damaged, export it again")
     model.eval()
-    meta = json.loads((path / FITFORMER_META).read_text(encoding="utf-8"))
     return model, load_tokenizer(path), meta
+
+
+def _is_frozen_quantized(model: torch.nn.Module) -> bool:
+    mods = quant_modules(model)
+    return bool(mods) and all(m.frozen for _, m in mods)
 
 
 @dataclass

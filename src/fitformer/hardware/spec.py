@@ -120,6 +120,8 @@ def load_spec(path: str | Path) -> DeviceSpec:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise UserError(f"{p}: cannot read the device file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8 text; save the device file as UTF-8") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return spec_from_dict(data, str(p))

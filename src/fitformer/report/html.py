@@ -124,15 +124,16 @@ def write_report(path: Path, config, summary: dict[str, Any], fronts: dict[str, 
     rows = []
     for k, row in evaluation.items():
         m = row["modelled"][primary]
-        rows.append([_name(k) + (" (chosen)" if k == chosen else ""),
+        rows.append([_name(k) + (" (chosen)" if k == chosen else ""), row.get("runtime", "pytorch"),
                      row["test_accuracy"], row["latency_ms_b1"], row["latency_ms_b32"], row["size_bytes"],
                      row["model_bytes"], m["latency_ms"], m["energy_mj"], m["edp_mjs"]])
     parts += ["<h2>Teacher, baselines and candidates</h2>",
-              f"<p>Measured on this host: test accuracy, latency at batch 1 and 32 of {config.max_length} tokens "
-              "(fewer if the model has fewer positions), "
+              f"<p>Measured on this host, each model as it ships (quantized: packed integer weights, run in "
+              f"onnxruntime on integer kernels): test accuracy, latency at batch 1 and 32 of {config.max_length} "
+              "tokens (fewer if the model has fewer positions), "
               f"weights on disk. Modelled on {html.escape(primary)}: latency, energy, EDP (batch "
               f"{config.latency_batch}, {config.seq_len} tokens).</p>",
-              _table(["model", "test acc", "host ms b1", "host ms b32", "bytes on disk", "predicted bytes",
+              _table(["model", "runtime", "test acc", "host ms b1", "host ms b32", "bytes on disk", "predicted bytes",
                       "model ms", "model mJ", "model EDP mJ*s"], rows),
               "<h2>Predicted against measured host latency</h2>",
               f"<p>Predicted: the analytic model of {html.escape(primary)} at the measured shapes.</p>",

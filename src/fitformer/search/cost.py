@@ -110,7 +110,7 @@ def spec_to_plan(spec: CandidateSpec, shape: EncoderShape) -> CompressionPlan:
             m = 4
             chain.append(BalancedSparsityPlan(n=max(1, round(m * (1 - x.sparsity))), m=m))
         if x.bits < 32:
-            chain.append(QuantPlan(weight_bits=x.bits, act_bits=None))
+            chain.append(QuantPlan(weight_bits=x.bits, act_bits=8))  # integer kernels: 8-bit inputs
         if chain:
             layers[x.name] = chain
     return CompressionPlan(layers=layers, model_steps=steps)

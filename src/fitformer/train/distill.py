@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,7 +39,7 @@ from ..io import atomic_path, read_json, sha256_json, write_json_atomic
 from ..progress import console, make_progress
 from ..utils import seed_everything
 from .evaluate import evaluate
-from .finetune import load_checkpoint, save_checkpoint
+from .finetune import load_checkpoint, nonfinite_origin, save_checkpoint
 from .losses import HIDDEN_LOSSES, LayerMap, LossWeights, Outputs, intermediate_loss, prediction_loss
 
 SCHEDULES = ("finetune_only", "logits_kd", "two_stage", "progressive")
@@ -366,8 +368,13 @@ def distill(
         result = DistillResult(**read_json(done))
         if read_json(out / "best" / "fitformer.json").get("run_id") != run_id:
             raise UserError(f"{out} holds a finished run with other settings; pass a new output directory")
-        student.load_state_dict(load_file(str(out / "best" / "model.safetensors")))
-        return result
+        try:
+            student.load_state_dict(load_file(str(out / "best" / "model.safetensors")))
+            return result
+        except (SafetensorError, OSError):  # damaged best weights: distil again, never load them
+            console.print(f"{out / 'best' / 'model.safetensors'} is damaged; distilling again")
+            done.unlink()
+            shutil.rmtree(out / "last", ignore_errors=True)
 
     steps_per_epoch = data.train.num_batches(config.batch_size)
     total_steps = config.max_steps or max(math.ceil(config.epochs * steps_per_epoch), len(stages))
@@ -452,7 +459,8 @@ def distill(
                     value = loss.item() if isinstance(loss, torch.Tensor) else loss
                     raise RuntimeError(
                         f"distillation loss is {value} at step {state['global_step']} (stage '{stage.name}', "
-                        f"terms {sorted(parts)}); likely cause: learning rate {config.learning_rate} too high "
+                        f"terms {sorted(parts)}; {nonfinite_origin(student, batch)}); likely cause: learning rate "
+                        f"{config.learning_rate} too high "
                         f"or exploding hidden-state MSE (try hidden_loss='cosine'); the last good checkpoint "
                         f"is in {out / 'last'}")
                 progress_frac = state["stage_step"] / stage_steps[index]

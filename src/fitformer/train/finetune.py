@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import get_linear_schedule_with_warmup
 
@@ -66,6 +68,32 @@ class FinetuneResult:
         return asdict(self)
 
 
+def nonfinite_origin(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str:
+    """Where a non-finite loss comes from: the first module whose weights or (re-run forward) output hold
+    NaN/inf, and any quantizer scale at zero. Called only after the loss went bad, so it costs nothing before."""
+    hints = [f"weights of {n}" for n, p in model.named_parameters() if not torch.isfinite(p).all()][:1]
+    hints += [f"zero quantizer scale {n}" for n, p in model.named_parameters()
+              if n.endswith("scale") and bool((p == 0).any())][:1]
+    names = {m: n for n, m in model.named_modules()}
+    first: list[str] = []
+
+    def hook(module, _args, output) -> None:
+        outs = output if isinstance(output, tuple) else (output,)
+        if not first and any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+                             for t in outs):
+            first.append(names[module] or "the model")
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model_logits(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    hints += [f"first non-finite output in {first[0]}"] if first else []
+    return "; ".join(hints) or "weights and outputs are finite (the loss itself overflowed)"
+
+
 def save_checkpoint(out: Path, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
     """Write the resumable checkpoint ``out/last``: weights (safetensors), optimizer/scheduler (``scheduler`` may
     be None), counters. Atomic per file; ``state.json`` is written last and names the step, so a crash between
@@ -94,7 +122,8 @@ def load_checkpoint(out: Path, model: torch.nn.Module, optimizer, scheduler) -> 
         if scheduler is not None:
             scheduler.load_state_dict(extra["scheduler"])
         return state
-    except (FileNotFoundError, KeyError, RuntimeError, ValueError, json.JSONDecodeError):
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError, json.JSONDecodeError, SafetensorError,
+            pickle.UnpicklingError, EOFError):
         return None
 
 
@@ -153,7 +182,8 @@ def finetune(
                 loss = torch.nn.functional.cross_entropy(model_logits(model, batch), batch["labels"])
                 if not torch.isfinite(loss):
                     raise RuntimeError(
-                        f"loss is {loss.item()} at step {state['global_step']}; lower the learning rate "
+                        f"loss is {loss.item()} at step {state['global_step']} ({nonfinite_origin(model, batch)}); "
+                        f"lower the learning rate "
                         f"({config.learning_rate}); the last good checkpoint is in {out / 'last'}"
                     )
                 loss.backward()

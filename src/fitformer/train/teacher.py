@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..data import EncodedDataset, Splits, TextDataset, encode, load_task, split_dataset
+from ..errors import UserError
 from ..io import cache_root, file_lock, sha256_file, sha256_json
 from ..models import load_classifier, resolve_model_dir
 from ..utils import seed_everything
@@ -91,7 +92,11 @@ def _fit_or_load(
     done = out / "result.json"
     if done.exists():
         result = finetune(None, None, None, None, [], config, out)  # type: ignore[arg-type]  # cache hit
-        net, tokenizer = load_classifier(result.best_dir)
+        try:
+            net, tokenizer = load_classifier(result.best_dir)
+        except UserError as exc:
+            raise UserError(f"{exc}; the cached teacher ({Path(result.best_dir) / 'model.safetensors'}) is "
+                            f"damaged: delete {out} to train it again") from None
         return Teacher(net, tokenizer, splits, config, result)
     seed_everything(config.seed)  # the new classification head is initialised from the seed
     net, tokenizer = load_classifier(model_dir, num_labels=dataset.num_labels, label_names=dataset.label_names)
