@@ -395,7 +395,7 @@ MAPE <= 0.15 |
 | learned predictor | {m_pred['mape']:.3f} | {m_pred['kendall_tau']:.3f} | {m_pred['rmse_s'] * 1e3:.3f} | \
 MAPE <= 0.05, tau >= 0.9 |
 
-![predicted vs measured]({stem}.png)
+![predicted vs measured](benchmarks/results/{stem}.png)
 
 Held-out error by the kinds of linears a configuration contains:
 

@@ -3,6 +3,7 @@ evaluation and device selection, on a small space with an analytic synthetic obj
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -358,3 +359,87 @@ def test_select_device_matches_brute_force(max_latency, min_accuracy):
     if selection.device is None:
         assert selection.binding in ("latency", "accuracy", "both")
         assert all(o.best is not None and o.reason for o in selection.outcomes)
+
+
+
+# ------------------------------------------------------------------------------------------------ select-device
+# A small catalog of real device files: cheap and slow, mid-priced, expensive and fast.
+CATALOG = ("raspberry-pi-4", "laptop-i7-1185g7", "nvidia-a100-sxm4-80gb")
+FULL_BYTES = 4 * 2 * (4 * 32 * 32 + 2 * 32 * 64)  # the dense two-layer model's searched weights
+
+
+def catalog_space(device) -> DesignSpace:
+    """20 dense float candidates: depth 1 or 2, heads and FFN width per layer."""
+    from fitformer.search.cost import device_limits
+
+    return DesignSpace(SHAPE, SpaceConfig(depths=(1, 2), heads=(2, 4), ffn_sizes=(32, 64), formats=("dense",),
+                                          ranks=(2,), max_tt_shapes=1, bits=(32,), sparsities=(0.0,),
+                                          embedding=False), device_limits(device))
+
+
+def kept_accuracy(spec) -> dict[str, float]:
+    """A stand-in accuracy that grows with the weights a candidate keeps."""
+    return {"accuracy": 0.6 + 0.3 * math.sqrt(spec.weight_bytes() / FULL_BYTES)}
+
+
+def catalog_build(model, device, proxy, seq_len, batch, calib_examples):
+    """What ``fitformer.commands.search._build`` returns, with the analytic cost of the real device file and
+    the stand-in accuracy (so the command runs without a fine-tuned teacher)."""
+    from fitformer.hardware import get_device
+    from fitformer.search.cost import AnalyticCost
+    from fitformer.search.proxy import CombinedEvaluator
+
+    spec = get_device(device)
+    cost = AnalyticCost(spec, SHAPE, (batch, seq_len))
+    return catalog_space(spec), cost, CombinedEvaluator(cost, kept_accuracy), spec
+
+
+def catalog_brute_force(paths: list[str], max_latency: float, min_accuracy: float) -> str | None:
+    """The cheapest device with any candidate meeting both constraints, by enumerating every gene."""
+    ok = []
+    for path in paths:
+        space, cost, evaluate, spec = catalog_build("tiny", path, "kd", 16, 1, 0)
+        specs = {s.key(): s for s in (space.decode(g) for g in np.ndindex(*space.cardinalities))}
+        metrics = [evaluate(s) for s in specs.values()]
+        if any(m["latency_ms"] <= max_latency and m["accuracy"] >= min_accuracy for m in metrics):
+            ok.append((spec.relative_cost.value, path))
+    return min(ok)[1] if ok else None
+
+
+def test_select_device_command_matches_brute_force_on_a_small_catalog(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from fitformer.cli import main
+    from fitformer.hardware.spec import CATALOG_DIR
+
+    paths = [str(shutil.copy(CATALOG_DIR / f"{name}.yaml", tmp_path / f"{name}.yaml")) for name in CATALOG]
+    monkeypatch.setattr("fitformer.commands.search._build", catalog_build)
+    # constraints from the devices' own fronts: for a middle accuracy, each device's fastest latency
+    accuracy = 0.6 + 0.3 * math.sqrt(0.5)
+    fastest = []
+    for path in paths:
+        space, cost, evaluate, _ = catalog_build("tiny", path, "kd", 16, 1, 0)
+        lats = [evaluate(s)["latency_ms"] for s in (space.decode(g) for g in np.ndindex(*space.cardinalities))
+                if kept_accuracy(s)["accuracy"] >= accuracy]
+        fastest.append(min(lats))
+    pi, laptop, a100 = fastest
+    assert pi > laptop > a100  # the price tiers are also speed tiers, so each case below picks another device
+    cases = [(pi * 1.01, accuracy), ((pi + laptop) / 2, accuracy), ((laptop + a100) / 2, accuracy),
+             (a100 / 2, accuracy), (pi * 10, 0.95)]
+    answers = []
+    for i, (max_latency, min_accuracy) in enumerate(cases):
+        expected = catalog_brute_force(paths, max_latency, min_accuracy)
+        answers.append(expected)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["select-device", *[x for p in paths for x in ("-d", p)], "--max-latency-ms", str(max_latency),
+                  "--min-accuracy", str(min_accuracy), "--algorithm", "random", "--budget", "40", "--seq-len", "16",
+                  "--run-dir", str(tmp_path / f"run{i}"), "--json"])
+        out = capsys.readouterr().out
+        selection = json.loads(out[out.index("{"):])
+        assert selection["device"] == expected
+        assert exit_info.value.code == (0 if expected else 3)
+        assert [d["evaluated"] for d in selection["devices"]] == [20, 20, 20]  # every candidate, each once
+        if expected is None:
+            assert selection["binding"] in ("latency", "accuracy")
+            assert all(d["reason"].startswith(selection["binding"]) for d in selection["devices"])
+    assert answers == [*paths, None, None]  # the cases cover every device and both ways of failing
