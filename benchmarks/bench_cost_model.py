@@ -5,20 +5,28 @@ or FFN — one of: dense fp32, dynamic int8, CSR-sparse, low-rank, TT with rando
 real PyTorch model, measures it on this host at two input shapes, then:
 
 1. calibrates the analytic model with ``fitformer calibrate``'s micro-benchmarks (no benchmark
-   configuration is used for that) and scores it on the held-out configurations;
-2. fits the learned predictor (residual correction of the analytic model; ridge vs. MLP by validation)
-   on the training configurations and scores it on the same held-out ones.
+   configuration is used for that), then refines its efficiency figures on the training configurations
+   (``refine_calibration``), and scores both on the held-out configurations;
+2. fits the learned predictor (residual correction of the refined analytic model; none, Huber ridge or an
+   MLP ensemble by cross-validation) on the training configurations and scores it on the same held-out ones.
+
+``--from-samples cost_model.json`` skips the measurement and refits from the samples an earlier run saved
+(same held-out split), so fitting can be developed without timing anything.
 
 Executable layers: dense and int8 (PyTorch dynamic quantization) are PyTorch's own kernels; sparse linears
 run ``torch.sparse.mm`` on a CSR weight; low-rank and TT linears are the small reference modules below
 (TT: left-to-right core contraction, the schedule of ``fitformer.hardware.ops.tt_linear_ops``).
 
-Measured latency is the minimum over the timed repetitions: other processes only ever add time, so on a
-shared machine the minimum is the least disturbed estimate (the median and trimmed mean are kept too).
+Measured latency is the minimum over the timed repetitions and over ``--rounds`` passes (each over the
+configurations in a new random order): other processes only ever add time, so on a shared machine the
+minimum is the least disturbed estimate (the per-round figures are kept with every sample).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
 import random
 import sys
@@ -33,7 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, markdown_table, parser, write_results  # noqa: E402
 from fitformer.hardware.analytic import AnalyticModel  # noqa: E402
-from fitformer.hardware.calibrate import calibrate_host, csr_weight, quantized_linear  # noqa: E402
+from fitformer.hardware.calibrate import (  # noqa: E402
+    calibrate_host,
+    csr_weight,
+    load_calibration,
+    quantized_linear,
+    refine_calibration,
+    save_calibration,
+)
 from fitformer.hardware.ops import EncoderArch, LinearCompression, ops_from_config  # noqa: E402
 from fitformer.hardware.predictor import fit_predictor, metrics  # noqa: E402
 from fitformer.hardware.spec import load_catalog  # noqa: E402
@@ -204,10 +219,82 @@ def time_model(model: nn.Module, batch: int, seq: int, quick: bool, clock: str) 
         with torch.inference_mode():
             return model(input_ids=ids)
 
-    t = measure(run, warmup=2, repeats=5 if quick else 12, min_seconds=0.03 if quick else 0.15, max_seconds=2.0,
+    t = measure(run, warmup=2, repeats=5 if quick else 8, min_seconds=0.03 if quick else 0.08, max_seconds=2.0,
                 clock=clock)
-    return {"latency_s": t.min_ms / 1e3, "median_s": t.median_ms / 1e3, "mean_s": t.mean_ms / 1e3,
-            "std_s": t.std_ms / 1e3, "repeats": t.repeats}
+    return {"latency_s": t.min_ms / 1e3, "median_s": t.median_ms / 1e3, "std_s": t.std_ms / 1e3}
+
+
+def measure_configs(configs: list[dict], rounds: int, quick: bool, clock: str, seed: int,
+                    started: float) -> dict[tuple[int, int, int], dict]:
+    """Every configuration at every shape in ``rounds`` rounds, each in a fresh random order (so a slow
+    spell of the machine hits different configurations each round); the fastest round is kept."""
+    out: dict[tuple[int, int, int], dict] = {}
+    for rnd in range(rounds):
+        order = list(range(len(configs)))
+        random.Random(seed + 100 + rnd).shuffle(order)
+        for done, ci in enumerate(order):
+            model = build_model(configs[ci], seed=seed + ci)
+            for batch, seq in SHAPES:
+                t = time_model(model, batch, seq, quick, clock)
+                old = out.setdefault((ci, batch, seq), {"rounds_s": [], "median_s": math.inf})
+                old["rounds_s"].append(t["latency_s"])
+                if t["latency_s"] <= min(old["rounds_s"]):
+                    old["std_s"] = t["std_s"]
+                old["median_s"] = min(old["median_s"], t["median_s"])
+                old["latency_s"] = min(old["rounds_s"])
+            if done % 50 == 0:
+                print(f"round {rnd + 1}/{rounds} [{done + 1}/{len(configs)}] {time.perf_counter() - started:.0f} s",
+                      flush=True)
+    return out
+
+
+def comp_to_dict(comp: LinearCompression) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(comp).items()}
+
+
+def comp_from_row(row: dict, key: str, fin: int, fout: int) -> LinearCompression:
+    """The compression of one group of linears of a saved sample (full record, or its short description)."""
+    full = row.get(f"{key}_comp")
+    if full is not None:
+        return LinearCompression(**{k: tuple(v) if isinstance(v, list) else v for k, v in full.items()})
+    desc = row[key]
+    if desc.startswith("tt"):
+        ranks = tuple(json.loads(desc[2:]))
+        d = len(ranks) + 1
+        return LinearCompression(factor="tt", tt_in_modes=modes(fin, d), tt_out_modes=modes(fout, d), tt_ranks=ranks)
+    if desc.startswith("lr"):
+        return LinearCompression(factor="lowrank", rank=int(desc[2:]))
+    if desc.startswith("sp"):
+        return LinearCompression(sparsity=float(desc[2:]), sparse_format="unstructured")
+    return LinearCompression(bits=8) if desc == "int8" else LinearCompression()
+
+
+def config_of_row(row: dict) -> dict:
+    arch = EncoderArch(layers=row["layers"], hidden=row["hidden"], heads=row["heads"], ffn=row["ffn"], vocab=1000)
+    return {"arch": arch, "attn": comp_from_row(row, "attn", arch.hidden, arch.hidden),
+            "ffn_in": comp_from_row(row, "ffn_in", arch.hidden, arch.ffn),
+            "ffn_out": comp_from_row(row, "ffn_out", arch.ffn, arch.hidden)}
+
+
+def sample_of_row(row: dict) -> tuple[list, int, int]:
+    cfg = config_of_row(row)
+    return ops_from_config(cfg["arch"], compression_of(cfg), batch=row["batch"], seq_len=row["seq_len"]), \
+        row["batch"], row["seq_len"]
+
+
+def heldout_configs(n_configs: int, fraction: float, seed: int) -> set[int]:
+    """The held-out configurations: a seeded shuffle, the first ``fraction`` of them."""
+    order = list(range(n_configs))
+    random.Random(seed + 1).shuffle(order)
+    return set(order[: max(1, int(round(n_configs * fraction)))])
+
+
+def repeatability(rows: list[dict]) -> float:
+    """How far apart two independent measurements of the same sample are: the best of the odd rounds against
+    the best of the even rounds (mean relative gap). A floor under any model's error against these data."""
+    gaps = [abs(min(r["rounds_s"][0::2]) - min(r["rounds_s"][1::2])) / min(r["rounds_s"])
+            for r in rows if len(r.get("rounds_s", [])) >= 2]
+    return float(np.mean(gaps)) if gaps else float("nan")
 
 
 def layer_probes() -> list:
@@ -265,85 +352,123 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def measure_rows(args: argparse.Namespace, threads: int, started: float) -> tuple[list[dict], dict, dict]:
+    """Calibrate on micro-benchmarks, then measure the sampled configurations: (rows, calibration, settings)."""
+    print("calibrating the analytic model on micro-benchmarks ...", flush=True)
+    calibration = calibrate_host(threads, quick=args.quick, clock=args.clock, extra_probes=layer_probes())
+    save_calibration(calibration, RESULTS / ("cost_model_calibration" + (".quick" if args.quick else "") + ".json"))
+    print(f"calibrated in {time.perf_counter() - started:.0f} s (probe MAPE {calibration['probe_mape']:.3f})",
+          flush=True)
+    n_configs = args.configs or (24 if args.quick else 300)
+    rng = random.Random(args.seed)
+    configs = [sample_config(rng) for _ in range(n_configs)]
+    rounds = args.rounds or (1 if args.quick else 8)
+    measured = measure_configs(configs, rounds, args.quick, args.clock, args.seed, started)
+    rows = []
+    for ci, cfg in enumerate(configs):
+        a = cfg["arch"]
+        for batch, seq in SHAPES:
+            t = measured[(ci, batch, seq)]
+            rows.append({"config": ci, "layers": a.layers, "hidden": a.hidden, "heads": a.heads, "ffn": a.ffn,
+                         "attn": describe(cfg["attn"]), "ffn_in": describe(cfg["ffn_in"]),
+                         "ffn_out": describe(cfg["ffn_out"]),
+                         **{f"{k}_comp": comp_to_dict(cfg[k]) for k in ("attn", "ffn_in", "ffn_out")},
+                         "batch": batch, "seq_len": seq, "measured_s": t["latency_s"], "median_s": t["median_s"],
+                         "std_s": t["std_s"], "rounds_s": t["rounds_s"]})
+    settings = {"configurations": n_configs, "threads": threads, "clock": args.clock, "rounds": rounds,
+                "seed": args.seed, "heldout_fraction": args.heldout,
+                "calibration_probe_mape": calibration["probe_mape"],
+                "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "measure_seconds": time.perf_counter() - started}
+    return rows, calibration, settings
+
+
+def load_rows(path: Path) -> tuple[list[dict], dict]:
+    """Saved samples and the measurement settings of an earlier run (older files lack some settings)."""
+    data = json.loads(path.read_text())
+    rows, old = data["samples"], data.get("summary", {})
+    settings = {"configurations": old.get("configurations", max(r["config"] for r in rows) + 1),
+                "threads": old.get("threads", 1), "clock": old.get("clock", "cpu"),
+                "rounds": old.get("rounds", 1 if data.get("quick") else 2),
+                "seed": old.get("seed", 0), "heldout_fraction": old.get("heldout_fraction", 0.35),
+                "calibration_probe_mape": old.get("calibration_probe_mape", float("nan")),
+                "measured_at": old.get("measured_at", time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                    time.gmtime(path.stat().st_mtime))),
+                "measure_seconds": old.get("measure_seconds", old.get("seconds", float("nan")))}
+    keep = ("config", "layers", "hidden", "heads", "ffn", "attn", "ffn_in", "ffn_out", "attn_comp", "ffn_in_comp",
+            "ffn_out_comp", "batch", "seq_len", "measured_s", "median_s", "std_s", "rounds_s")
+    return [{k: r[k] for k in keep if k in r} for r in rows], settings
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--configs", type=int, default=None, help="Configurations to sample (default 300, quick 24).")
     p.add_argument("--heldout", type=float, default=0.35, help="Fraction of configurations held out.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=None, help="Measure every configuration this many times, at "
-                   "different moments, and keep the fastest (default 2, quick 1).")
+                   "different moments, and keep the fastest (default 8, quick 1).")
     p.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
                    help="cpu: single-thread CPU time, not inflated by other processes (default); wall: latency.")
+    p.add_argument("--from-samples", type=Path, default=None, metavar="JSON",
+                   help="Refit and rescore from the samples saved by an earlier run (no measurement); the "
+                        "micro-benchmark calibration is read from --calibration.")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="Calibration file for --from-samples (default: cost_model_calibration.json beside it).")
     args = p.parse_args()
-    threads = 1 if args.clock == "cpu" else (args.threads or 2)
-    torch.set_num_threads(threads)
-    n_configs = args.configs or (24 if args.quick else 300)
     started = time.perf_counter()
+    if args.from_samples:
+        rows, settings = load_rows(args.from_samples)
+        cal_path = args.calibration or args.from_samples.with_name(
+            "cost_model_calibration" + (".quick" if args.quick else "") + ".json")
+        settings["source"] = f"refit from saved samples ({args.from_samples.name}, measured {settings['measured_at']})"
+    else:
+        threads = 1 if args.clock == "cpu" else (args.threads or 2)
+        torch.set_num_threads(threads)
+        rows, _calibration, settings = measure_rows(args, threads, started)
+        cal_path = RESULTS / ("cost_model_calibration" + (".quick" if args.quick else "") + ".json")
+        settings["source"] = f"measured in this run ({settings['measured_at']})"
+    torch.set_num_threads(settings["threads"])
+    evaluate(rows, settings, load_calibration(cal_path), args.quick, started)
 
-    print("calibrating the analytic model on micro-benchmarks ...", flush=True)
-    calibration = calibrate_host(threads, quick=args.quick, clock=args.clock, extra_probes=layer_probes())
-    from fitformer.hardware.calibrate import load_calibration, save_calibration
 
-    cal_path = save_calibration(calibration, RESULTS / ("cost_model_calibration" + (".quick" if args.quick else "")
-                                                         + ".json"))
-    analytic: AnalyticModel = load_calibration(cal_path)
-    print(f"calibrated in {time.perf_counter() - started:.0f} s (probe MAPE {calibration['probe_mape']:.3f})",
-          flush=True)
-
-    rng = random.Random(args.seed)
-    configs = [sample_config(rng) for _ in range(n_configs)]
-    rounds = args.rounds or (1 if args.quick else 2)
-    best: dict[tuple[int, int, int], dict] = {}
-    for rnd in range(rounds):
-        for ci, cfg in enumerate(configs):
-            model = build_model(cfg, seed=args.seed + ci)
-            for batch, seq in SHAPES:
-                t = time_model(model, batch, seq, args.quick, args.clock)
-                old = best.get((ci, batch, seq))
-                if old is None or t["latency_s"] < old["latency_s"]:
-                    best[(ci, batch, seq)] = {**t, "median_s": min(t["median_s"], old["median_s"]) if old else
-                                              t["median_s"]}
-            if ci % 50 == 0:
-                print(f"round {rnd + 1}/{rounds} [{ci + 1}/{n_configs}] {time.perf_counter() - started:.0f} s",
-                      flush=True)
-    samples, rows = [], []
-    for ci, cfg in enumerate(configs):
-        comp = compression_of(cfg)
-        for batch, seq in SHAPES:
-            t = best[(ci, batch, seq)]
-            ops = ops_from_config(cfg["arch"], comp, batch=batch, seq_len=seq)
-            samples.append((ops, batch, seq))
-            a = cfg["arch"]
-            rows.append({"config": ci, "layers": a.layers, "hidden": a.hidden, "heads": a.heads, "ffn": a.ffn,
-                         "attn": describe(cfg["attn"]), "ffn_in": describe(cfg["ffn_in"]),
-                         "ffn_out": describe(cfg["ffn_out"]), "batch": batch, "seq_len": seq,
-                         "measured_s": t["latency_s"], "median_s": t["median_s"], "std_s": t["std_s"],
-                         "analytic_s": analytic.latency_s(ops)})
-
-    order = list(range(n_configs))
-    random.Random(args.seed + 1).shuffle(order)
-    held = set(order[: max(1, int(round(n_configs * args.heldout)))])
+def evaluate(rows: list[dict], settings: dict, micro: AnalyticModel, quick: bool, started: float) -> None:
+    """Refine the calibration and fit the predictor on the training configurations; score both on the
+    held-out ones; write the results, the plot and the predictor."""
+    samples = [sample_of_row(r) for r in rows]
+    n_configs = settings["configurations"]
+    held = heldout_configs(n_configs, settings["heldout_fraction"], settings["seed"])
     train_idx = [i for i, r in enumerate(rows) if r["config"] not in held]
     test_idx = [i for i, r in enumerate(rows) if r["config"] in held]
-    predictor = fit_predictor([samples[i] for i in train_idx], [rows[i]["measured_s"] for i in train_idx], analytic,
-                              seed=args.seed)
+    train_lat = [rows[i]["measured_s"] for i in train_idx]
+    analytic = refine_calibration(micro, [samples[i][0] for i in train_idx], train_lat,
+                                  log=lambda m: print(m, flush=True))
+    refined_path = RESULTS / ("cost_model_calibration_refined" + (".quick" if quick else "") + ".json")
+    save_calibration({"key": {"source": settings["source"]}, "spec": analytic.spec.model_dump(),
+                      "efficiency": analytic.eff.to_dict()}, refined_path)
+    predictor = fit_predictor([samples[i] for i in train_idx], train_lat, analytic, seed=settings["seed"],
+                              groups=[rows[i]["config"] for i in train_idx])
     pred = predictor.predict([samples[i] for i in test_idx])
     for i, v in zip(test_idx, pred, strict=True):
         rows[i]["predictor_s"] = float(v)
-    predictor.save(RESULTS / ("cost_model_predictor" + (".quick" if args.quick else "") + ".safetensors"))
+    for i, (ops, _b, _s) in enumerate(samples):
+        rows[i]["analytic_s"] = analytic.latency_s(ops)
+        rows[i]["analytic_micro_s"] = micro.latency_s(ops)
+    predictor.save(RESULTS / ("cost_model_predictor" + (".quick" if quick else "") + ".safetensors"))
     test = [rows[i] for i in test_idx]
     measured = [r["measured_s"] for r in test]
     m_pred = metrics([r["predictor_s"] for r in test], measured)
     m_anal = metrics([r["analytic_s"] for r in test], measured)
+    m_micro = metrics([r["analytic_micro_s"] for r in test], measured)
     noise = float(np.median([r["median_s"] / r["measured_s"] - 1 for r in rows]))
+    repeat = repeatability(rows)
 
     # Search throughput of the analytic model on the MiniLM-L6 architecture, and the catalog at a glance.
     minilm = EncoderArch(layers=6, hidden=384, heads=12, ffn=1536)
+    comps = [c for c in (comp_from_row(r, "ffn_in", r["hidden"], r["ffn"]) for r in rows[:40:2]) if c.factor != "tt"]
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < 1.0:
-        analytic.estimate_ops(ops_from_config(minilm, {"*.intermediate.dense": configs[n % 10]["ffn_in"]}
-                                              if configs[n % 10]["ffn_in"].factor != "tt" else None,
-                                              batch=1, seq_len=128))
+        analytic.estimate_ops(ops_from_config(minilm, {"*.intermediate.dense": comps[n % len(comps)]}, batch=1,
+                                              seq_len=128))
         n += 1
     throughput = n / (time.perf_counter() - t0)
     devices = []
@@ -360,17 +485,17 @@ def main() -> None:
         "predictor_mape": m_pred["mape"], "predictor_kendall_tau": m_pred["kendall_tau"],
         "predictor_rmse_ms": m_pred["rmse_s"] * 1e3, "analytic_mape": m_anal["mape"],
         "analytic_kendall_tau": m_anal["kendall_tau"], "analytic_rmse_ms": m_anal["rmse_s"] * 1e3,
-        "heldout_count": len(held), "heldout_samples": len(test), "configurations": n_configs,
+        "analytic_micro_only_mape": m_micro["mape"], "analytic_micro_only_kendall_tau": m_micro["kendall_tau"],
+        "measurement_repeatability": repeat, "heldout_count": len(held), "heldout_samples": len(test),
         "samples": len(rows), "shapes": [list(s) for s in SHAPES], "predictor_kind": predictor.report["chosen"],
-        "predictor_validation_mape": predictor.report["validation_mape"],
-        "calibration_probe_mape": calibration["probe_mape"], "median_over_min_latency": noise,
-        "analytic_candidates_per_s": throughput, "threads": threads, "clock": args.clock, "rounds": rounds,
+        "predictor_validation_mape": predictor.report["validation_mape"], "median_over_min_latency": noise,
+        "analytic_candidates_per_s": throughput, **settings,
         "targets": {"predictor_mape": 0.05, "predictor_kendall_tau": 0.9, "analytic_mape": 0.15},
         "seconds": time.perf_counter() - started,
     }
     summary["meets_targets"] = (summary["predictor_mape"] <= 0.05 and summary["predictor_kendall_tau"] >= 0.9
                                 and summary["analytic_mape"] <= 0.15)
-    stem = "cost_model.quick" if args.quick else "cost_model"
+    stem = "cost_model.quick" if quick else "cost_model"
     plot(test, RESULTS / f"{stem}.png")
     by_kind = []
     for kind in ("dense", "int8", "sp", "lr", "tt"):
@@ -380,36 +505,49 @@ def main() -> None:
             by_kind.append({"contains": kind, "samples": len(sel),
                             "analytic_mape": metrics([r["analytic_s"] for r in sel], measured_sel)["mape"],
                             "predictor_mape": metrics([r["predictor_s"] for r in sel], measured_sel)["mape"]})
+    for shape in SHAPES:
+        sel = [r for r in test if (r["batch"], r["seq_len"]) == shape]
+        measured_sel = [r["measured_s"] for r in sel]
+        by_kind.append({"contains": f"shape {shape[0]}x{shape[1]}", "samples": len(sel),
+                        "analytic_mape": metrics([r["analytic_s"] for r in sel], measured_sel)["mape"],
+                        "predictor_mape": metrics([r["predictor_s"] for r in sel], measured_sel)["mape"]})
+    threads = settings["threads"]
     md = f"""## Cost models (`bench_cost_model.py`)
 
 {n_configs} sampled BERT-style encoders (1-4 layers, hidden 64-256, FFN 1-4x, each group of linears dense,
-dynamic int8, CSR-sparse, low-rank or TT) measured on the host with {threads} threads at batch x tokens
-{SHAPES[0][0]}x{SHAPES[0][1]} and {SHAPES[1][0]}x{SHAPES[1][1]}; {len(held)} configurations ({len(test)} samples)
-held out. The analytic model is calibrated on micro-benchmarks only; the predictor (residual correction of
-it, {predictor.report['chosen']} chosen by validation) is fitted on the other configurations.
+dynamic int8, CSR-sparse, low-rank or TT) measured on the host ({threads} thread, {settings['clock']} clock,
+best of {settings['rounds']} rounds) at batch x tokens {SHAPES[0][0]}x{SHAPES[0][1]} and
+{SHAPES[1][0]}x{SHAPES[1][1]}; {len(held)} configurations ({len(test)} samples) held out. Figures:
+{settings['source']}. The analytic model is calibrated on micro-benchmarks, then its efficiency figures are
+refined on the training configurations; the predictor (residual correction of it,
+{predictor.report['chosen']} chosen by validation) is fitted on the same training configurations.
 
 | model | held-out MAPE | Kendall tau | RMSE (ms) | target |
 |---|---|---|---|---|
-| calibrated analytic | {m_anal['mape']:.3f} | {m_anal['kendall_tau']:.3f} | {m_anal['rmse_s'] * 1e3:.3f} | \
-MAPE <= 0.15 |
+| analytic, micro-benchmarks only | {m_micro['mape']:.3f} | {m_micro['kendall_tau']:.3f} | \
+{m_micro['rmse_s'] * 1e3:.3f} | |
+| calibrated analytic (refined) | {m_anal['mape']:.3f} | {m_anal['kendall_tau']:.3f} | \
+{m_anal['rmse_s'] * 1e3:.3f} | MAPE <= 0.15 |
 | learned predictor | {m_pred['mape']:.3f} | {m_pred['kendall_tau']:.3f} | {m_pred['rmse_s'] * 1e3:.3f} | \
 MAPE <= 0.05, tau >= 0.9 |
 
 ![predicted vs measured](benchmarks/results/{stem}.png)
 
-Held-out error by the kinds of linears a configuration contains:
+Held-out error by the kinds of linears a configuration contains, and by input shape:
 
 {markdown_table(by_kind, ["contains", "samples", "analytic_mape", "predictor_mape"])}
 
-Measured latency is the minimum over repetitions (the median was {noise:.1%} higher on the median sample: the
-machine is shared). The analytic model scores {throughput:.0f} MiniLM-L6-sized candidates/s. MiniLM-L6
+How to read it: measured latency is the fastest of the rounds (the median repetition was {noise:.1%} above
+the fastest on the median sample). Two independent measurements of the same sample (best of the odd against
+best of the even rounds) differ by {repeat:.1%} on average: no model can score much below that against
+these measurements. The analytic model scores {throughput:.0f} MiniLM-L6-sized candidates/s. MiniLM-L6
 (batch 1 x 128 tokens) on the catalog, uncalibrated except the host:
 
 {markdown_table(devices, ["device", "fp32_ms", "fp32_mj", "int8_ms", "int8_mj", "int8_edp_uJs", "fits_on_chip",
                           "int8_native"])}
 """
     write_results("cost_model", {"summary": summary, "devices": devices, "by_kind": by_kind, "samples": rows},
-                  md, quick=args.quick)
+                  md, quick=quick)
     print({k: v for k, v in summary.items() if not isinstance(v, dict)})
 
 

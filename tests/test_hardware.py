@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from fitformer.hardware import (
     ops_from_config,
     ops_from_module,
 )
+from fitformer.hardware.analytic import OP_CLASSES, op_class
+from fitformer.hardware.calibrate import refine_calibration, with_efficiency
 from fitformer.hardware.predictor import LatencyPredictor, fit_predictor, metrics
 from fitformer.hardware.spec import CATALOG_DIR, spec_from_dict
 from fitformer.models import load_classifier, tiny_bert_config
@@ -356,3 +359,100 @@ def test_measured_sparse_crossover_sets_what_sparsity_buys():
     base = faster.latency_s([dense])
     assert faster.latency_s([sparse]) < base  # the measured kernel beat dense
     assert slower.latency_s([sparse]) == pytest.approx(base)  # dense was faster, so execution stays dense
+
+
+# ----------------------------------------------------------------------------------------- per-class figures
+
+
+def test_op_class_names_the_kernel_kind():
+    tt = LinearCompression(factor="tt", tt_in_modes=(4, 8), tt_out_modes=(4, 8), tt_ranks=(4,))
+    classes = lambda comp: [op_class(o) for o in linear_ops(16, 32, 32, comp, name="l")]  # noqa: E731
+    assert classes(LinearCompression()) == ["gemm"]
+    assert classes(LinearCompression(bits=8)) == ["quantize", "int8"]
+    assert classes(LinearCompression(sparsity=0.5, sparse_format="unstructured")) == ["sparse"]
+    assert classes(LinearCompression(factor="lowrank", rank=4)) == ["lowrank", "lowrank"]
+    assert classes(tt) == ["tt_permute", "tt", "tt_permute", "tt"]
+    ops = ops_from_config(EncoderArch(layers=1, hidden=32, heads=2, ffn=64))
+    assert {op_class(o) for o in ops if o.kind != "dispatch"} <= set(OP_CLASSES)
+
+
+def test_class_figures_match_hand_computation():
+    base = Efficiency(gemm_frac=1.0, m_half=0.0, n_half=0.0, k_half=0.0, mem_frac=1.0)
+    op = Op("gemm", m=10, n=20, k=30, weight_bytes=30 * 20 * 4, tag="lowrank")
+    # 12,000 FLOP at 1 GFLOP/s = 12 us; 4.4 us of memory; 1 us launch (see the test above)
+    model = AnalyticModel(_toy_spec(), dataclasses.replace(base, class_frac={"lowrank": 0.5},
+                                                          class_overhead_s={"lowrank": 5e-6, "gemm": 1.0}))
+    assert model.estimate_ops([op]).latency_s == pytest.approx(24e-6 + 1e-6 + 5e-6)
+    # size trend: 12,000 FLOP = 0.012 MFLOP, so the rate is scaled by 0.012 ** 0.5 and memory time alike
+    model = AnalyticModel(_toy_spec(), dataclasses.replace(base, class_size_exp={"lowrank": 0.5}))
+    assert model.estimate_ops([op]).latency_s == pytest.approx(12e-6 / 0.012**0.5 + 1e-6)
+    # a knee in the thin side of the GEMM: min(n, k) = 20, so the rate halves with a knee at 20
+    model = AnalyticModel(_toy_spec(), dataclasses.replace(base, class_narrow_half={"lowrank": 20.0}))
+    assert model.estimate_ops([op]).latency_s == pytest.approx(24e-6 + 1e-6)
+    # other classes are untouched
+    dense = Op("gemm", m=10, n=20, k=30, weight_bytes=30 * 20 * 4)
+    assert model.estimate_ops([dense]).latency_s == pytest.approx(13e-6)
+
+
+def test_efficiency_rejects_unknown_op_class():
+    with pytest.raises(UserError, match="'class_overhead_s' has unknown op class"):
+        Efficiency.from_dict({"class_overhead_s": {"conv": 1e-6}})
+    eff = Efficiency(class_frac={"tt": 0.5}, class_size_exp={"sparse": -0.1}, class_narrow_half={"tt": 8.0})
+    assert Efficiency.from_dict(json.loads(json.dumps(eff.to_dict()))) == eff
+
+
+def _small_encoders(n: int, seed: int = 0) -> list[list[Op]]:
+    rng = np.random.default_rng(seed)
+    kinds = [LinearCompression(), LinearCompression(bits=8), LinearCompression(factor="lowrank", rank=8),
+             LinearCompression(sparsity=0.8, sparse_format="unstructured"),
+             LinearCompression(factor="tt", tt_in_modes=(8, 8), tt_out_modes=(8, 8), tt_ranks=(4,))]
+    out = []
+    for _ in range(n):
+        arch = EncoderArch(layers=int(rng.integers(1, 4)), hidden=64, heads=int(rng.choice([2, 4])),
+                           ffn=int(rng.choice([64, 128, 256])))
+        comp = {"*.attention.*": kinds[int(rng.integers(len(kinds)))]}
+        out.append(ops_from_config(arch, comp, batch=int(rng.choice([1, 4])), seq_len=int(rng.choice([16, 64]))))
+    return out
+
+
+def test_refine_calibration_recovers_per_class_costs():
+    """Latencies from a model with framework costs the micro-benchmark model lacks (a TT and a sparse
+    overhead per call, slow int8 kernels): refining on them must predict new models of the same kind."""
+    micro = AnalyticModel(get_device("laptop-i7-1185g7"), Efficiency(framework_s=5e-6))
+    truth = with_efficiency(micro, class_overhead_s={"tt": 30e-6, "sparse": 20e-6}, class_frac={"int8": 0.3},
+                            framework_s=12e-6)
+    rng = np.random.default_rng(1)
+    train, test = _small_encoders(50, seed=2), _small_encoders(20, seed=3)
+    measured = [truth.latency_s(ops) * float(np.exp(rng.normal(0, 0.02))) for ops in train]
+    measured[0] *= 3.0  # one run disturbed by another process: the robust fit must shrug it off
+    refined = refine_calibration(micro, train, measured)
+    ape = lambda m: np.mean([abs(m.latency_s(o) / truth.latency_s(o) - 1) for o in test])  # noqa: E731
+    assert ape(micro) > 0.15
+    assert ape(refined) < 0.03
+    assert refined.spec == micro.spec  # only the efficiency figures move
+
+
+def test_refine_calibration_rejects_bad_measurements():
+    micro = AnalyticModel(get_device("laptop-i7-1185g7"))
+    ops = _small_encoders(10)
+    with pytest.raises(UserError, match="at least 8 measured models"):
+        refine_calibration(micro, ops[:3], [1e-3] * 3)
+    with pytest.raises(UserError, match="positive, finite"):
+        refine_calibration(micro, ops, [1e-3] * 9 + [float("nan")])
+
+
+def test_predictor_is_robust_to_slow_outliers_and_can_choose_no_correction():
+    analytic = AnalyticModel(get_device("laptop-i7-1185g7"))
+    samples, latencies = _synthetic(80, analytic, seed=4)
+    disturbed = list(latencies)
+    for i in range(0, 60, 10):  # every tenth training run slowed by another process
+        disturbed[i] *= 2.0
+    predictor = fit_predictor(samples[:60], disturbed[:60], analytic, mlp_steps=200,
+                              groups=[i // 2 for i in range(60)])
+    assert metrics(predictor.predict(samples[60:]), latencies[60:])["mape"] < 0.05
+    assert predictor.report["chosen"] != "none"
+    exact = fit_predictor(samples[:60], [analytic.latency_s(s[0]) for s in samples[:60]], analytic, mlp_steps=50)
+    np.testing.assert_allclose(exact.predict(samples[60:]), [analytic.latency_s(s[0]) for s in samples[60:]],
+                               rtol=0.02)
+    with pytest.raises(UserError, match="positive, finite"):
+        fit_predictor(samples[:10], [0.0] * 10, analytic)

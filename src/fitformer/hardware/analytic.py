@@ -2,7 +2,8 @@
 
 Per op (Williams et al., "Roofline", CACM 2009, extended with a dispatch term)::
 
-    latency = max(flops / (peak[dtype] * eff(shape)), weight_bytes / bw_w + act_bytes / bw_a) + launches * t_launch
+    latency = max(flops / (peak[dtype] * eff(shape) * f), (weight_bytes / bw_w + act_bytes / bw_a) / f)
+              + launches * (t_launch + t_class[class]),    f = f[class] * (work / 1 MFLOP) ** e[class]
     eff(m, n, k) = gemm_frac * m/(m + m_half) * n/(n + n_half) * k/(k + k_half)
 
 where weights stream from DRAM unless all of the model's weights fit on chip, and activations come from
@@ -10,7 +11,12 @@ on-chip memory when the op's working set fits there. Energy follows Horowitz (IS
 
     energy = sum(flops * E_flop[dtype]) + dram_bytes * E_dram + onchip_bytes * E_onchip + P_static * latency
 
-and EDP = energy * latency. The efficiency parameters default to generic values and are calibrated for the
+``class`` is the kind of kernel an op runs (:func:`op_class`: dense, int8, sparse, TT or low-rank GEMM,
+attention matmul, softmax, ...): each kind has its own fixed cost per call (``t_class``: the framework code
+around a quantized, sparse or factorised layer) and its own achieved fraction of the peaks, with a trend in
+the size of one call (``e``: small calls of some kernels run far below their large-call speed).
+
+EDP = energy * latency. The efficiency parameters default to generic values and are calibrated for the
 host by :mod:`fitformer.hardware.calibrate`, so the same equations can be trusted on described devices.
 """
 
@@ -24,6 +30,24 @@ from ..errors import UserError
 from ..layers.sparse import crossover_speedup
 from .ops import Op
 from .spec import DTYPE_BITS, DeviceSpec
+
+OP_CLASSES = ("gemm", "int8", "sparse", "tt", "lowrank", "bmm", "softmax", "layernorm", "elementwise",
+              "embedding", "tt_permute", "quantize")
+
+
+def op_class(op: Op) -> str:
+    """The kind of kernel ``op`` runs, the key of the per-class efficiency and overhead figures."""
+    if op.kind == "gemm":
+        if op.tag in ("tt", "lowrank"):
+            return op.tag
+        if op.sparse_format and op.sparsity > 0:
+            return "sparse"
+        return "int8" if op.bits <= 8 else "gemm"
+    if op.kind == "elementwise" and op.tag == "tt":
+        return "tt_permute"
+    if op.kind == "elementwise" and op.name.endswith(".quantize"):
+        return "quantize"
+    return op.kind
 
 
 @dataclass
@@ -43,6 +67,10 @@ class Efficiency:
     bmm_half: float = 0.0  # attention matmuls: smallest of (m, n, k) at which efficiency halves (head dim)
     framework_s: float = 0.0  # eager-runtime cost of one container-module call ("dispatch" ops)
     int_gemm_s: float = 0.0  # fixed extra cost of an integer GEMM call (scales, packing of dynamic int8 kernels)
+    class_frac: dict[str, float] = field(default_factory=dict)  # extra rate factor per op class (op_class)
+    class_overhead_s: dict[str, float] = field(default_factory=dict)  # extra fixed cost per call, per op class
+    class_size_exp: dict[str, float] = field(default_factory=dict)  # per op class: rate ~ (work / 1 MFLOP) ** exp
+    class_narrow_half: dict[str, float] = field(default_factory=dict)  # per GEMM class: knee in min(n, k)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +81,11 @@ class Efficiency:
         unknown = set(data) - names
         if unknown:
             raise UserError(f"efficiency parameters have unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+        for name in ("class_frac", "class_overhead_s", "class_size_exp", "class_narrow_half"):
+            bad = set(data.get(name, {})) - set(OP_CLASSES)
+            if bad:
+                raise UserError(f"efficiency field '{name}' has unknown op class(es) {sorted(bad)}; "
+                                f"known: {list(OP_CLASSES)}")
         return cls(**data)
 
 
@@ -110,10 +143,25 @@ class AnalyticModel:
     def _dtype(self, bits: int) -> tuple[str, bool]:
         return self.spec.dtype_for_bits(bits)
 
+    def _size_factor(self, op: Op, cls: str) -> float:
+        """(work / 1 MFLOP) ** class_size_exp[cls]: the class's efficiency trend with the size of one call,
+        where a kernel's speed depends on its problem size in ways the knees above do not capture."""
+        factor = 1.0
+        half = self.eff.class_narrow_half.get(cls, 0.0)
+        if half and op.kind in ("gemm", "bmm"):
+            narrow = min(op.n, op.k)
+            factor = narrow / (narrow + half)
+        exponent = self.eff.class_size_exp.get(cls, 0.0)
+        if not exponent:
+            return factor
+        work = op.flops if op.flops > 0 else op.act_bytes + op.weight_bytes
+        return factor * (max(work, 1.0) / 1e6) ** exponent
+
     def op_cost(self, op: Op, weights_on_chip: bool) -> OpCost:
         spec, eff = self.spec, self.eff
         if op.kind == "dispatch":
             return OpCost(op.name, op.launches * eff.framework_s, 0.0, "launch", "", True)
+        cls = op_class(op)
         flops = op.flops
         if op.kind in ("gemm", "bmm"):
             dtype, native = self._dtype(op.bits if op.kind == "gemm" else op.act_bits)
@@ -136,13 +184,15 @@ class AnalyticModel:
         else:
             dtype, native = "fp32" if "fp32" in spec.peak_flops else self._dtype(op.act_bits)[0], True
             rate = spec.peak(dtype) * eff.elem_frac
+        frac = eff.class_frac.get(cls, 1.0) * self._size_factor(op, cls)
+        rate *= frac
         t_compute = flops / rate if flops > 0 else 0.0
         act_on_chip = op.act_bytes <= spec.onchip_bytes.value
-        bw_dram = spec.dram_bandwidth.value * eff.mem_frac
-        bw_chip = spec.onchip_bandwidth.value * eff.mem_frac
+        bw_dram = spec.dram_bandwidth.value * eff.mem_frac * frac
+        bw_chip = spec.onchip_bandwidth.value * eff.mem_frac * frac
         t_mem = op.weight_bytes / (bw_chip if weights_on_chip else bw_dram)
         t_mem += op.act_bytes / (bw_chip if act_on_chip else bw_dram)
-        t_launch = op.launches * spec.launch_overhead_s.value * eff.launch_scale
+        t_launch = op.launches * (spec.launch_overhead_s.value * eff.launch_scale + eff.class_overhead_s.get(cls, 0.0))
         if op.kind == "gemm" and op.bits <= 8:
             t_launch += eff.int_gemm_s
         latency = max(t_compute, t_mem) + t_launch

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import platform
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from scipy.optimize import least_squares
 
 from ..errors import UserError
 from ..io import cache_root, read_json, sha256_json, write_json_atomic
-from .analytic import AnalyticModel, Efficiency
+from .analytic import AnalyticModel, Efficiency, op_class
 from .ops import (
     GELU_FLOPS,
     LAYERNORM_FLOPS,
@@ -73,7 +73,11 @@ def _time_s(fn: Callable[[], object], quick: bool, clock: str = "wall") -> float
     # The minimum is the estimate least disturbed by other processes (noise only ever adds time).
     t = measure(fn, warmup=2, repeats=5 if quick else 15, min_seconds=0.02 if quick else 0.1, max_seconds=2.0,
                 clock=clock)
-    return t.min_ms / 1e3
+    if t.min_ms > 0.2 * t.median_ms:
+        return t.min_ms / 1e3
+    # a reading far below every other repetition (a CPU-time clock glitch can read a call as 0 s) is no
+    # measurement: the median is then the better estimate
+    return max(t.median_ms / 1e3, 1e-7)
 
 
 def quantized_linear(in_features: int, out_features: int) -> torch.nn.Module:
@@ -289,3 +293,80 @@ def host_model(threads: int | None = None, calibrate_if_missing: bool = True, qu
 def with_efficiency(model: AnalyticModel, **changes: float) -> AnalyticModel:
     """A copy of ``model`` with some efficiency parameters replaced."""
     return AnalyticModel(model.spec, dataclasses.replace(model.eff, **changes), model.sparse_crossover)
+
+
+# Efficiency fields refined on whole-model measurements, and per-class figures (op_class names).
+_REFINED = ("gemm_frac", "m_half", "n_half", "k_half", "elem_frac", "launch_scale", "sparse_frac", "bmm_frac",
+            "bmm_half", "framework_s", "int_gemm_s")
+_FLOOR = {"framework_s": 3e-6, "int_gemm_s": 3e-6, "bmm_half": 1e-3, "m_half": 1e-3, "n_half": 1e-3,
+          "k_half": 1e-3}
+
+
+def _unique_ops(samples: Sequence[Sequence[Op]], model: AnalyticModel) -> tuple[list[tuple[Op, bool]], np.ndarray]:
+    """The distinct (op, weights on chip) pairs of ``samples`` and the count matrix (samples x distinct ops):
+    a sample's latency is the count-weighted sum of distinct op latencies, so a fit costs few op evaluations."""
+    index: dict[tuple[Op, bool], int] = {}
+    entries: list[tuple[int, int]] = []
+    for i, ops in enumerate(samples):
+        on_chip = model.weights_fit(ops)
+        for op in ops:
+            key = (dataclasses.replace(op, name=op_class(op)), on_chip)
+            entries.append((i, index.setdefault(key, len(index))))
+    counts = np.zeros((len(samples), len(index)))
+    for i, j in entries:
+        counts[i, j] += 1.0
+    return list(index), counts
+
+
+def refine_calibration(model: AnalyticModel, samples: Sequence[Sequence[Op]], latencies_s: Sequence[float],
+                       prior_weight: float = 0.05, log: Callable[[str], None] | None = None) -> AnalyticModel:
+    """Refit the efficiency figures of ``model`` on measured latencies of whole models (their op lists).
+
+    Micro-benchmarks time kernels alone; a whole eager model also pays the framework code around each call
+    (module dispatch, the quantize/dequantize of dynamic int8, the reshapes of a TT layer, sparse-format
+    conversions), which differs by kind of layer. This fits the shared efficiency figures plus a fixed cost
+    per call and a rate factor per op class (:func:`~fitformer.hardware.analytic.op_class`) by robust least
+    squares on log latency, with a weak prior (``prior_weight``) pulling every figure towards its
+    micro-benchmark value so that figures the measurements do not constrain stay where they were. The
+    device spec (peaks, bandwidths) is kept: only how much of it real kernels reach changes.
+    """
+    y = np.asarray(latencies_s, dtype=float)
+    if len(samples) != len(y) or len(y) < 8:
+        raise UserError(f"refining a calibration needs at least 8 measured models with latencies, got {len(y)}")
+    if np.any(~np.isfinite(y)) or np.any(y <= 0):
+        raise UserError("refining a calibration needs positive, finite measured latencies")
+    unique, counts = _unique_ops(samples, model)
+    classes = sorted({op_class(op) for op, _ in unique if op.kind != "dispatch"})
+    base = model.eff
+    start = {n: max(float(getattr(base, n)), _FLOOR.get(n, 1e-6)) for n in _REFINED}
+    start.update({f"frac:{c}": base.class_frac.get(c, 1.0) for c in classes if c not in ("gemm",)})
+    start.update({f"over:{c}": max(base.class_overhead_s.get(c, 0.0), 3e-6) for c in classes})
+    narrow = [c for c in ("tt", "lowrank", "sparse", "int8") if c in classes]  # GEMMs with a thin operand
+    start.update({f"half:{c}": max(base.class_narrow_half.get(c, 0.0), 1.0) for c in narrow})
+    names = list(start)
+    exps = [f"exp:{c}" for c in classes]  # size trends: signed, fitted as they are (the rest in log space)
+    x0 = np.concatenate([np.log([start[n] for n in names]), [base.class_size_exp.get(c, 0.0) for c in classes]])
+    span = np.concatenate([np.full(len(names), np.log(1e4)), np.full(len(exps), 1.0)])
+
+    def eff_for(theta: np.ndarray) -> Efficiency:
+        v = dict(zip(names, np.exp(theta[:len(names)]), strict=True))
+        v.update(zip(exps, theta[len(names):], strict=True))
+        return dataclasses.replace(
+            base, **{n: float(v[n]) for n in _REFINED},
+            class_frac={c: float(v[f"frac:{c}"]) for c in classes if f"frac:{c}" in v},
+            class_overhead_s={c: float(v[f"over:{c}"]) for c in classes},
+            class_size_exp={c: float(v[f"exp:{c}"]) for c in classes},
+            class_narrow_half={c: float(v[f"half:{c}"]) for c in narrow})
+
+    def predict(theta: np.ndarray) -> np.ndarray:
+        m = AnalyticModel(model.spec, eff_for(theta), model.sparse_crossover)
+        return counts @ np.array([m.op_cost(op, on_chip).latency_s for op, on_chip in unique])
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.log(predict(theta)) - np.log(y), prior_weight * (theta - x0)])
+
+    fit = least_squares(residuals, x0, bounds=(x0 - span, x0 + span), loss="soft_l1", f_scale=0.1, max_nfev=500)
+    pred = predict(fit.x)
+    if log:
+        log(f"refined on {len(y)} measured models: MAPE {np.mean(np.abs(pred - y) / y):.3f}")
+    return AnalyticModel(model.spec, eff_for(fit.x), model.sparse_crossover)

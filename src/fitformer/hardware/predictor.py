@@ -4,9 +4,10 @@ calibrated analytic model.
 Features are computed from the op list (so any front end works): input shape, the analytic latency and
 FLOPs split by kind of work (dense / int8 / sparse / TT / low-rank GEMM, attention, vector ops), launches
 and weight bytes. The target is log(measured / analytic), so the learned part only has to correct the
-roofline. Two regressors are fitted — closed-form ridge and a small MLP — and the one with the lower
-validation MAPE is kept. The file is safetensors (tensors) with JSON metadata: no pickle, and a
-feature-version check on load.
+roofline. Candidates — no correction, ridge with a Huber loss (robust to measurements slowed by other
+processes) at several strengths, a small MLP — are scored by cross-validated MAPE with the folds split by
+configuration, and the best is refitted on all samples. The file is safetensors (tensors) with JSON
+metadata: no pickle, and a feature-version check on load.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from .ops import FEATURE_VERSION as OPS_VERSION
 from .ops import Op
 from .spec import spec_from_dict
 
-PREDICTOR_VERSION = 2
+PREDICTOR_VERSION = 3
 FEATURE_VERSION = f"ops{OPS_VERSION}-pred{PREDICTOR_VERSION}"
 CATEGORIES = ("gemm", "int8", "sparse", "tt", "lowrank", "bmm", "vector")
 FEATURES = (["log_batch", "log_seq", "log_tokens", "log_analytic_s", "log_launches", "log_weight_mb",
              "mean_sparsity"] + [f"log_lat_{c}" for c in CATEGORIES] + [f"log_mflop_{c}" for c in CATEGORIES]
             + [f"log_count_{c}" for c in CATEGORIES] + [f"log_act_mb_{c}" for c in CATEGORIES]
-            + [f"log_max_act_mb_{c}" for c in CATEGORIES])
+            + [f"log_max_act_mb_{c}" for c in CATEGORIES] + [f"log_lat_attention_{c}" for c in CATEGORIES])
 Sample = tuple[Sequence[Op], int, int]  # (ops, batch, seq_len)
 
 
@@ -61,6 +62,9 @@ def features(ops: Sequence[Op], batch: int, seq_len: int, analytic: AnalyticMode
     count = dict.fromkeys(CATEGORIES, 0.0)
     act = dict.fromkeys(CATEGORIES, 0.0)
     max_act = dict.fromkeys(CATEGORIES, 0.0)
+    # the attention block's share: a layer's output layout can change which attention kernel runs after it
+    # (e.g. the transposed output of a CSR linear sends PyTorch's SDPA from its fused kernel to the math path)
+    attention = dict.fromkeys(CATEGORIES, 0.0)
     sparsities = []
     for op, c in zip(ops, costs, strict=True):
         cat = _category(op)
@@ -69,6 +73,8 @@ def features(ops: Sequence[Op], batch: int, seq_len: int, analytic: AnalyticMode
         count[cat] += 1
         act[cat] += op.act_bytes
         max_act[cat] = max(max_act[cat], op.act_bytes)
+        if op.tag == "attention" or ".attention." in op.name:
+            attention[cat] += c.latency_s
         if cat == "sparse":
             sparsities.append(op.sparsity)
     total = sum(lat.values())
@@ -80,6 +86,7 @@ def features(ops: Sequence[Op], batch: int, seq_len: int, analytic: AnalyticMode
     row += [math.log1p(count[c]) for c in CATEGORIES]
     row += [math.log1p(act[c] / 1e6) for c in CATEGORIES]
     row += [math.log1p(max_act[c] / 1e6) for c in CATEGORIES]
+    row += [math.log1p(attention[c] * 1e6) for c in CATEGORIES]
     return np.asarray(row, dtype=np.float64)
 
 
@@ -105,7 +112,7 @@ class _MLP(torch.nn.Module):
 class LatencyPredictor:
     """A fitted residual regressor plus the analytic model it corrects."""
 
-    kind: str  # "ridge" or "mlp"
+    kind: str  # "none" (the analytic model alone), "ridge" or "mlp"
     analytic: AnalyticModel
     mean: np.ndarray
     std: np.ndarray
@@ -115,13 +122,20 @@ class LatencyPredictor:
 
     def _residual(self, x: np.ndarray) -> np.ndarray:
         z = (x - self.mean) / self.std
-        if self.kind == "ridge":
+        if self.kind == "none":
+            out = np.zeros(len(z))
+        elif self.kind == "ridge":
             out = z @ self.tensors["ridge.w"].numpy() + float(self.tensors["ridge.b"])
         else:
-            mlp = _MLP(z.shape[1], self.hidden)
-            mlp.load_state_dict({k[4:]: v for k, v in self.tensors.items() if k.startswith("mlp.")})
-            with torch.no_grad():
-                out = mlp(torch.as_tensor(z, dtype=torch.float32)).double().numpy()
+            members = sorted({k.split(".")[0] for k in self.tensors if k.startswith("mlp")})
+            outs = []
+            for member in members:  # an ensemble of MLPs from different seeds: their mean
+                mlp = _MLP(z.shape[1], self.hidden)
+                mlp.load_state_dict({k[len(member) + 1:]: v for k, v in self.tensors.items()
+                                     if k.startswith(member + ".")})
+                with torch.no_grad():
+                    outs.append(mlp(torch.as_tensor(z, dtype=torch.float32)).double().numpy())
+            out = np.mean(outs, axis=0)
         lo, hi = self.tensors["clip"].tolist()  # never extrapolate the correction beyond what was seen
         return np.clip(out, lo, hi)
 
@@ -166,17 +180,32 @@ class LatencyPredictor:
                    report=json.loads(meta.get("report", "{}")))
 
 
-def _fit_ridge(z: np.ndarray, y: np.ndarray, alpha: float) -> dict[str, torch.Tensor]:
-    b = float(y.mean())
-    w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - b))
+def _fit_ridge(z: np.ndarray, y: np.ndarray, alpha: float, huber: float = 0.1,
+               iterations: int = 10) -> dict[str, torch.Tensor]:
+    """Ridge regression with a Huber loss (iteratively reweighted least squares): measurements disturbed by
+    other processes are only ever slower, and such outliers must not bend the correction."""
+    weights = np.ones(len(y))
+    for _ in range(iterations):
+        sw = weights / weights.sum()
+        b = float(sw @ y)
+        zc = z - sw @ z
+        w = np.linalg.solve(zc.T @ (zc * weights[:, None]) + alpha * np.eye(z.shape[1]),
+                            zc.T @ (weights * (y - b)))
+        b = float(sw @ (y - z @ w))
+        r = np.abs(y - z @ w - b)
+        weights = np.minimum(1.0, huber / np.maximum(r, 1e-12))
     return {"ridge.w": torch.as_tensor(w), "ridge.b": torch.tensor(b, dtype=torch.float64)}
 
 
-def _fit_mlp(z: np.ndarray, y: np.ndarray, hidden: int, seed: int, steps: int) -> dict[str, torch.Tensor]:
+def _fit_mlp(z: np.ndarray, y: np.ndarray, hidden: int, seed: int, steps: int,
+             members: int = 5) -> dict[str, torch.Tensor]:
+    """``members`` MLPs from different seeds (averaged at prediction: one small MLP on a few hundred noisy
+    samples depends on its seed more than an ensemble does)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
     try:
-        return _train_mlp(z, y, hidden, seed, steps)
+        return {f"mlp{i}.{k}": v for i in range(members)
+                for k, v in _train_mlp(z, y, hidden, seed + i, steps).items()}
     finally:
         torch.set_num_threads(threads)
 
@@ -185,7 +214,7 @@ def _train_mlp(z: np.ndarray, y: np.ndarray, hidden: int, seed: int, steps: int)
     torch.manual_seed(seed)
     mlp = _MLP(z.shape[1], hidden)
     x_t, y_t = torch.as_tensor(z, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
-    opt = torch.optim.AdamW(mlp.parameters(), lr=3e-3, weight_decay=1e-3)
+    opt = torch.optim.AdamW(mlp.parameters(), lr=3e-3, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
         opt.zero_grad()
@@ -193,36 +222,55 @@ def _train_mlp(z: np.ndarray, y: np.ndarray, hidden: int, seed: int, steps: int)
         loss.backward()
         opt.step()
         sched.step()
-    return {f"mlp.{k}": v.detach().clone() for k, v in mlp.state_dict().items()}
+    return {k: v.detach().clone() for k, v in mlp.state_dict().items()}
+
+
+def _folds(groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` validation index sets; samples of one group (e.g. one architecture at several input shapes)
+    stay together, so validation never sees a configuration the fit has seen."""
+    unique = np.random.default_rng(seed).permutation(np.unique(groups))
+    return [np.flatnonzero(np.isin(groups, part)) for part in np.array_split(unique, k) if len(part)]
 
 
 def fit_predictor(samples: Sequence[Sample], latencies_s: Sequence[float], analytic: AnalyticModel,
-                  val_fraction: float = 0.25, seed: int = 0, hidden: int = 64,
-                  mlp_steps: int = 1500) -> LatencyPredictor:
-    """Fit ridge and MLP on a training split, pick by validation MAPE, refit the winner on all samples."""
+                  folds: int = 4, seed: int = 0, hidden: int = 16, mlp_steps: int = 400,
+                  groups: Sequence[Any] | None = None) -> LatencyPredictor:
+    """Fit candidate corrections — none (the analytic model alone), Huber ridge at several strengths, an
+    MLP — score each by ``folds``-fold cross-validated MAPE (folds split by ``groups`` when given), and refit
+    the winner on all samples."""
     if len(samples) < 8:
         raise UserError(f"a predictor needs at least 8 measured samples, got {len(samples)}")
     x = np.stack([features(ops, b, s, analytic) for ops, b, s in samples])
     y_s = np.asarray(latencies_s, dtype=float)
-    y = np.log(y_s) - x[:, FEATURES.index("log_analytic_s")]
+    if np.any(~np.isfinite(y_s)) or np.any(y_s <= 0):
+        raise UserError("a predictor needs positive, finite measured latencies")
+    log_a = x[:, FEATURES.index("log_analytic_s")]
+    y = np.log(y_s) - log_a
     mean, std = x.mean(0), x.std(0) + 1e-9
     z = (x - mean) / std
-    order = np.random.default_rng(seed).permutation(len(samples))
-    n_val = max(2, int(len(samples) * val_fraction))
-    val, train = order[:n_val], order[n_val:]
     clip = {"clip": torch.tensor([y.min() - 0.25, y.max() + 0.25], dtype=torch.float64)}
-    candidates: dict[str, tuple[dict[str, torch.Tensor], int, float]] = {}
-    for alpha in (1e-3, 1e-2, 1e-1, 1.0, 10.0):
-        candidates[f"ridge:{alpha}"] = ({**_fit_ridge(z[train], y[train], alpha), **clip}, 0, alpha)
-    candidates["mlp"] = ({**_fit_mlp(z[train], y[train], hidden, seed, mlp_steps), **clip}, hidden, 0.0)
-    scores = {}
-    for name, (tensors, h, _a) in candidates.items():
-        pred = LatencyPredictor(name.split(":")[0], analytic, mean, std, tensors, h)
-        scores[name] = metrics(np.exp(x[val, FEATURES.index("log_analytic_s")] + pred._residual(x[val])),
-                               y_s[val])["mape"]
+    group_ids = np.asarray([str(g) for g in groups]) if groups is not None else np.arange(len(y)).astype(str)
+    if len(group_ids) != len(y):
+        raise UserError(f"fit_predictor got {len(group_ids)} groups for {len(y)} samples")
+
+    def fit(name: str, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        if name == "none":
+            return {}
+        if name == "mlp":
+            return _fit_mlp(z[rows], y[rows], hidden, seed, mlp_steps)
+        return _fit_ridge(z[rows], y[rows], float(name.split(":")[1]))
+
+    names = ["none", *(f"ridge:{a}" for a in (0.1, 1.0, 10.0, 100.0)), "mlp"]
+    errors: dict[str, list[float]] = {n: [] for n in names}
+    for val in _folds(group_ids, max(2, folds), seed):
+        train = np.setdiff1d(np.arange(len(y)), val)
+        for name in names:
+            pred = LatencyPredictor(name.split(":")[0], analytic, mean, std, {**fit(name, train), **clip},
+                                    hidden if name == "mlp" else 0)
+            errors[name].extend(np.abs(np.exp(log_a[val] + pred._residual(x[val])) - y_s[val]) / y_s[val])
+    scores = {n: float(np.mean(e)) for n, e in errors.items()}
     best = min(scores, key=scores.get)
     kind = best.split(":")[0]
-    fitted = _fit_ridge(z, y, candidates[best][2]) if kind == "ridge" else _fit_mlp(z, y, hidden, seed, mlp_steps)
-    tensors = {**fitted, **clip}
-    report = {"chosen": best, "validation_mape": scores, "train_count": len(samples)}
-    return LatencyPredictor(kind, analytic, mean, std, tensors, hidden if kind == "mlp" else 0, report)
+    report = {"chosen": best, "validation_mape": scores, "train_count": len(samples), "folds": folds}
+    return LatencyPredictor(kind, analytic, mean, std, {**fit(best, np.arange(len(y))), **clip},
+                            hidden if kind == "mlp" else 0, report)
