@@ -22,7 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The demo: a small search, two candidates, a short distillation; a 1-epoch teacher on a fresh machine.
     # Structured sub-networks (depth, heads, FFN) of int8 layers and an int8 embedding, run on integer kernels:
     # they distil well in minutes.
-    "quick": {"teacher_epochs": 1, "search_budget": 150, "candidates": 2, "budget_minutes": 6.0,
+    "quick": {"teacher_epochs": 1, "search_budget": 150, "candidates": 2, "budget_minutes": 4.0,
               "distill_max_train_examples": 4000, "latency_repeats": 10, "formats": ["dense"], "bits": [8],
               "embedding": True, "distill_schedule": "logits_kd"},
     # A longer search over every format and more, longer-distilled candidates.

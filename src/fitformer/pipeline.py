@@ -162,8 +162,9 @@ class Pipeline:
         with RunStore(run.file(f"search/{slug}.sqlite")) as store:
             store.check_meta({"device": spec.name, "genes": len(space), "seed": c.seed})
             result = nsga2(Session(problem, c.search_budget, store=store), seed=c.seed,
-                           config=NSGA2Config(population=c.population))
-        teacher_spec = space.decode(space.largest())
+                           config=NSGA2Config(population=c.population),
+                           start=[space.full_model(b) for b in space.bits if b < 32])
+        teacher_spec = space.reference()
         on_front = {x.key for x in result.front}
         rest = 4 * sum(p.numel() for p in self.teacher.model.parameters()) - teacher_spec.weight_bytes()
         history = [{**x.to_dict(), "front": x.key in on_front,
@@ -279,7 +280,8 @@ class Pipeline:
             for x in dense.layers:
                 in_modes, out_modes = default_tt_shapes(x.in_features, x.out_features, 3, 1)[0]
                 layers.append(replace(x, format="tt", rank=rank, in_modes=in_modes, out_modes=out_modes, bits=bits))
-            return replace(dense, layers=tuple(layers))
+            embedding = None if dense.embedding is None else replace(dense.embedding, bits=bits)
+            return replace(dense, layers=tuple(layers), embedding=embedding)  # the embedding as searched: same bits
 
         low, high = 1, max(shape.hidden_size, shape.intermediate_size)
         while low < high:  # largest rank whose size stays within the chosen model's (sizes grow with rank)
@@ -296,7 +298,8 @@ class Pipeline:
 
     def _measure(self, model: torch.nn.Module, session: Any = None) -> dict[str, float]:
         """Host latency (ms) at batch 1 and 32 of ``max_length`` tokens (fewer if the model has fewer
-        positions): trimmed mean of wall-clock calls, of ``session`` (onnxruntime) if given, else of ``model``."""
+        positions): median of wall-clock calls (robust to a busy neighbour), of ``session`` (onnxruntime) if
+        given, else of ``model``."""
         from .export.onnx_quant import ort_logits
         from .hardware.timing import measure
 
@@ -318,8 +321,8 @@ class Pipeline:
                 with torch.inference_mode():
                     model(**inputs)
 
-            repeats = c.latency_repeats if batch == 1 else max(3, c.latency_repeats // 4)
-            out[f"latency_ms_b{batch}"] = measure(call, warmup=2, repeats=repeats, max_seconds=20).mean_ms
+            repeats = c.latency_repeats if batch == 1 else max(5, c.latency_repeats // 2)
+            out[f"latency_ms_b{batch}"] = measure(call, warmup=2, repeats=repeats, max_seconds=30).median_ms
         return out
 
     def _deploy(self, student: torch.nn.Module, cand: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def _run(space, cost, evaluator, algorithm: str, budget: int, seed: int, workers
             return random_search_fn(session, seed=seed)
         if algorithm == "optuna_nsga2":
             return optuna_nsga2(session, seed=seed)
-        dense = cost(space.decode(space.largest()))["latency_ms"]
+        dense = cost(space.reference())["latency_ms"]
         bounds = [max_latency_ms] if max_latency_ms else [dense * f for f in (0.25, 0.5, 0.75)]
         return evolution_front(session, bounds, seed=seed, config=EvolutionConfig())
     finally:

@@ -9,6 +9,7 @@ evaluated (they are redrawn), so the population holds feasible candidates only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,15 +43,19 @@ def survivors(pool: list[Candidate], objectives: tuple[str, ...], size: int) -> 
     return [pool[i] for i in order[:size]]
 
 
-def nsga2(session: Session, seed: int = 0, config: NSGA2Config | None = None) -> SearchResult:
-    """Run NSGA-II until the session's budget is spent; returns every evaluated candidate and the front."""
+def nsga2(session: Session, seed: int = 0, config: NSGA2Config | None = None,
+          start: Sequence[Sequence[int]] = ()) -> SearchResult:
+    """Run NSGA-II until the session's budget is spent; returns every evaluated candidate and the front.
+    ``start`` genes (e.g. the whole model quantized) join the random initial population."""
     config = config or NSGA2Config()
     rng = rng_for(seed)
     space, objectives = session.problem.space, session.problem.objectives
     pmut = config.mutation_prob if config.mutation_prob is not None else 1.0 / len(space)
     pending: set[str] = set()
-    init = [g for g in (session.draw(lambda: space.sample(rng), pending)
-                        for _ in range(min(config.population, session.remaining))) if g is not None]
+    given = [g for g in (session.draw(lambda x=x: x, pending) for x in start) if g is not None]
+    init = given + [g for g in (session.draw(lambda: space.sample(rng), pending)
+                                for _ in range(min(config.population, session.remaining) - len(given)))
+                    if g is not None]
     population = session.evaluate(init)
     while session.remaining > 0 and population:
         points = np.array([c.objectives(objectives) for c in population])

@@ -358,6 +358,27 @@ class DesignSpace:
             g[base + 4] = self.sparsities.index(min(self.sparsities))
         return self.canonical(g)
 
+    def reference(self) -> CandidateSpec:
+        """The uncompressed model — full architecture, every weight dense in float — whatever widths and
+        formats are searched: what every gain is measured against."""
+        spec = self.decode(self.largest())
+
+        def dense(x: LayerSpec) -> LayerSpec:
+            return replace(x, format="dense", rank=0, in_modes=(), out_modes=(), bits=FLOAT_BITS, sparsity=0.0)
+
+        return replace(spec, layers=tuple(dense(x) for x in spec.layers),
+                       embedding=None if spec.embedding is None else dense(spec.embedding))
+
+    def full_model(self, bits: int) -> tuple[int, ...]:
+        """The full architecture with every searched layer dense at ``bits``: plain quantization of the
+        whole model, a strong candidate searches should start from."""
+        if bits not in self.bits:
+            raise UserError(f"bits {bits}: not among the searched widths {self.bits}")
+        g = list(self.largest())
+        for k in range(len(self._site_names)):
+            g[self._arch_len + 5 * k + 3] = self.bits.index(bits)
+        return self.canonical(g)
+
     def size(self) -> float:
         """Number of distinct genes (an upper bound on distinct candidates)."""
         return float(np.prod(self.cardinalities.astype(float)))
