@@ -118,6 +118,8 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
     targets = markdown_table([{"run": n, **t} for n, t in result["targets"].items()],
                              ["run", "gain", "target_gain", "accuracy_drop_points", "max_drop_points",
                               "beats_uniform", "met"], floatfmt=".2f")
+    missing = "".join(f"\n- {n}: {t['reason']}" for n, t in result["targets"].items() if "reason" in t)
+    missing = f"\nRuns with no candidate to distil:{missing}\n" if missing else ""
     return f"""## Compress end to end (`benchmarks/bench_compress.py`)
 
 `fitformer compress` on MiniLM-L6 / rotten-tomatoes, three runs (speed, size, energy), settings
@@ -131,7 +133,7 @@ rank and bit width everywhere) at the chosen model's size, distilled with the sa
 Headline targets (gain over the teacher: batch-32 latency, file size, modelled edge EDP):
 
 {targets}
-"""
+{missing}"""
 
 
 def main() -> None:

@@ -57,6 +57,8 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, quick: bool
 def render() -> None:
     """Rebuild BENCHMARKS.md from the full-run fragments."""
     fragments = {p.stem: p for p in RESULTS.glob("*.md") if not p.stem.endswith(".quick")}
+    for quick in RESULTS.glob("*.quick.md"):  # a quick run stands in until a full one exists, marked as such
+        fragments.setdefault(quick.stem.removesuffix(".quick"), quick)
     names = [n for n in ORDER if n in fragments] + sorted(set(fragments) - set(ORDER))
     parts = ["# Benchmarks", "",
              "Measured by the scripts in `benchmarks/` on the machine named in each JSON file under "
@@ -64,7 +66,11 @@ def render() -> None:
              "Regenerate a section with `python benchmarks/<script>.py`; this page is rebuilt from "
              "`benchmarks/results/*.md` each time.", ""]
     for n in names:
-        parts += [fragments[n].read_text(encoding="utf-8").strip(), ""]
+        text = fragments[n].read_text(encoding="utf-8").strip()
+        if fragments[n].stem.endswith(".quick"):
+            head, _, rest = text.partition("\n")
+            text = f"{head} — quick run (`--quick`), no full run yet\n{rest}"
+        parts += [text, ""]
     write_text_atomic(ROOT / "BENCHMARKS.md", "\n".join(parts))
 
 

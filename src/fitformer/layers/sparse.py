@@ -267,7 +267,8 @@ def _sparse_linear(x: torch.Tensor, sparse_w: torch.Tensor, bias: torch.Tensor |
     out = torch.sparse.mm(sparse_w, flat.t()).t()
     if bias is not None:
         out = out + bias
-    return out.reshape(*x.shape[:-1], sparse_w.shape[0])
+    # row-major like nn.Linear's output: a transposed result sends attention down its slow, unfused path
+    return out.contiguous().reshape(*x.shape[:-1], sparse_w.shape[0])
 
 
 def time_kernels(weight: torch.Tensor, tokens: int, kernels: tuple[str, ...] = KERNELS,
