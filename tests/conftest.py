@@ -49,3 +49,19 @@ def sentiment_data() -> TextDataset:
 def tiny_model_dir(tmp_path_factory, sentiment_data):
     """A tiny random BERT encoder directory whose vocabulary covers the synthetic data."""
     return make_tiny_bert_dir(tmp_path_factory.mktemp("tiny_bert"), sentiment_data.texts)
+
+
+def crash_at_training_step(monkeypatch, step: int) -> None:
+    """Make the ``step``-th gradient clipping raise KeyboardInterrupt: a crash in the middle of training.
+    Undo with ``monkeypatch.undo()``."""
+    import torch
+
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def clip(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import crash_at_training_step
 
 from fitformer.data import encode, split_dataset
 from fitformer.errors import UserError
@@ -46,15 +47,7 @@ def finetuned(tiny_model_dir, sentiment_data, tmp_path_factory):
 def test_damaged_finetune_checkpoint_starts_over_to_the_same_weights(tiny_model_dir, sentiment_data, tmp_path,
                                                                      monkeypatch, finetuned, name, how):
     model, tok, train, val = _finetune_setup(tiny_model_dir, sentiment_data)
-    real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
-
-    def crash_on_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_clip(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_on_step_5)
+    crash_at_training_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         finetune(model, tok, train, val, sentiment_data.label_names, FINETUNE, tmp_path / "b")
     monkeypatch.undo()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import crash_at_training_step
 
 from fitformer.data import encode, split_dataset
 from fitformer.models import load_classifier
@@ -35,19 +36,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, sentiment_d
     reference, _ = load_classifier(tmp_path / "a" / "best")
 
     model, tok, train, val, _ = _setup(tiny_model_dir, sentiment_data)
-    real_clip = torch.nn.utils.clip_grad_norm_
-    calls = {"n": 0}
-
-    def crash_on_step_8(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real_clip(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_on_step_8)
+    crash_at_training_step(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         finetune(model, tok, train, val, sentiment_data.label_names, CONFIG, tmp_path / "b")
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    monkeypatch.undo()
     assert (tmp_path / "b" / "last" / "state.json").exists()
 
     model, tok, train, val, _ = _setup(tiny_model_dir, sentiment_data)  # a fresh process would start here

@@ -99,6 +99,10 @@ class Pipeline:
 
         return EncoderShape.from_config(self.teacher.model.config)
 
+    def _primary_search(self) -> dict[str, Any]:
+        """The search result on the first (primary) device: its teacher row, front and rest bytes."""
+        return read_json(self.run.file(f"search/{_device_slug(self.config.devices[0])}.json"))
+
     def _stage(self, name: str, fn: Callable[[RunDir], tuple[Any, list[str]]]) -> Any:
         done = self.run.is_done(name)
         result = self.run.stage(name, fn)
@@ -270,7 +274,7 @@ class Pipeline:
         from .search.space import CandidateSpec, default_tt_shapes
 
         c, shape = self.config, self._shape()
-        first = read_json(run.file(f"search/{_device_slug(c.devices[0])}.json"))
+        first = self._primary_search()
         dense = CandidateSpec.from_dict(first["teacher"]["spec"])
         target = CandidateSpec.from_dict(self._candidate(key)["spec"]).weight_bytes()
         bits = 8 if 8 in device_limits(get_device(c.devices[0])).bits else 32
@@ -367,7 +371,7 @@ class Pipeline:
     def evaluate_teacher(self) -> dict[str, Any]:
         """The dense teacher as an evaluation row: test accuracy, host latency, file size, modelled cost."""
         t = self.teacher
-        first = read_json(self.run.file(f"search/{_device_slug(self.config.devices[0])}.json"))
+        first = self._primary_search()
         teacher_spec = first["teacher"]["spec"]
         return {"runtime": "pytorch", "test_accuracy": t.evaluate("test").accuracy,
                 "size_bytes": (t.model_dir / "model.safetensors").stat().st_size,
@@ -375,7 +379,7 @@ class Pipeline:
                 **self._predicted_host(teacher_spec), "modelled": self._modelled(teacher_spec)}
 
     def _evaluate_stage(self, run: RunDir) -> tuple[Any, list[str]]:
-        first = read_json(run.file(f"search/{_device_slug(self.config.devices[0])}.json"))
+        first = self._primary_search()
         teacher_spec = first["teacher"]["spec"]
         rows = {"teacher": self.evaluate_teacher()}
         rows[f"{BASELINE}dynamic_int8"] = self._dynamic_int8(run, teacher_spec, first["rest_bytes"])

@@ -27,9 +27,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from ..compress import CompressionPlan, apply_plan
 from ..data import TextDataset, encode
 from ..errors import UserError
-from ..layers.quant import quant_modules, quantizers
 from ..models.hf import FITFORMER_META, load_tokenizer
-from .quantized import load_into, read_quantized, save_quantized
+from .quantized import freeze_structure, is_frozen_quantized, load_into, read_quantized, save_quantized
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -52,7 +51,7 @@ def save_compressed(
         (base_config if base_config is not None else model.config).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n", encoding="utf-8")
-        if _is_frozen_quantized(model):
+        if is_frozen_quantized(model):
             save_quantized(model, tmp / WEIGHTS_FILE)
             meta = {**meta, "weights": PACKED}
         else:
@@ -79,11 +78,7 @@ def load_compressed(model_dir: str | Path) -> tuple[torch.nn.Module, Any, dict[s
     meta = json.loads((path / FITFORMER_META).read_text(encoding="utf-8"))
     if meta.get("weights") == PACKED:
         state, _ = read_quantized(path / WEIGHTS_FILE)
-        for q in quantizers(model):
-            q.initialized.fill_(True)
-        for m in quant_modules(model):
-            m[1].freeze()
-        return load_into(model, state).eval(), load_tokenizer(path), meta
+        return load_into(freeze_structure(model), state).eval(), load_tokenizer(path), meta
     state = load_file(str(path / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -94,10 +89,6 @@ def load_compressed(model_dir: str | Path) -> tuple[torch.nn.Module, Any, dict[s
     model.eval()
     return model, load_tokenizer(path), meta
 
-
-def _is_frozen_quantized(model: torch.nn.Module) -> bool:
-    mods = quant_modules(model)
-    return bool(mods) and all(m.frozen for _, m in mods)
 
 
 @dataclass

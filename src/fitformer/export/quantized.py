@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path
-from ..layers.quant import QuantModule, quant_modules, quantizers
+from ..layers.quant import quant_modules, quantizers
 
 FORMAT = "fitformer-quant/1"
 PACKED = ".packed"
@@ -68,10 +68,25 @@ def _hf_config(model: nn.Module) -> str | None:
     return config.to_json_string() if config is not None and hasattr(config, "to_json_string") else None
 
 
+def is_frozen_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` has quantized layers and all of them hold frozen integer codes."""
+    mods = quant_modules(model)
+    return bool(mods) and all(m.frozen for _, m in mods)
+
+
+def freeze_structure(model: nn.Module) -> nn.Module:
+    """Turn a freshly built quantized model into the frozen structure saved codes load into (in place)."""
+    for q in quantizers(model):
+        q.initialized.fill_(True)
+    for _, m in quant_modules(model):
+        m.freeze()
+    return model
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> int:
     """Save a frozen quantized model to ``path`` (one packed safetensors file, atomically); returns its size."""
     mods = quant_modules(model)
-    if not mods or not all(m.frozen for _, m in mods):
+    if not is_frozen_quantized(model):
         raise UserError("save_quantized needs a frozen model; call freeze(quantize(model, spec)) first")
     layout: dict[str, dict[str, Any]] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -174,11 +189,7 @@ def load_quantized(path: str | os.PathLike[str]) -> nn.Module:
     model = AutoModelForSequenceClassification.from_config(config)
     for plan in info["plans"]:
         model = apply_plan(model, CompressionPlan.from_dict(plan))
-    for q in quantizers(model):
-        q.initialized.fill_(True)
-    for m in model.modules():
-        if isinstance(m, QuantModule):
-            m.freeze()
+    freeze_structure(model)
     model.fitformer_plans = info["plans"]
     model.eval()
     return load_into(model, state)
