@@ -27,7 +27,7 @@ from common import markdown_table, parser, write_results  # noqa: E402
 from fitformer.hardware.timing import measure  # noqa: E402
 from fitformer.io import cache_root  # noqa: E402
 from fitformer.models import count_parameters  # noqa: E402
-from fitformer.models.elastic import ElasticBert, SubConfig, extract, subnet_macs  # noqa: E402
+from fitformer.models.elastic import ElasticBert, ElasticSpace, SubConfig, extract, subnet_macs  # noqa: E402
 from fitformer.train import evaluate, get_teacher  # noqa: E402
 from fitformer.train.supernet import (  # noqa: E402
     ShortDistillConfig,
@@ -85,7 +85,7 @@ def main() -> None:
     args = p.parse_args()
     quick = args.quick
     torch.set_num_threads(args.threads or 2)
-    steps = args.steps or (30 if quick else 200)
+    steps = args.steps or (30 if quick else 400)
     distill_steps = args.distill_steps or (10 if quick else 60)
     val_n, test_n, pool_n = (200, 300, 6) if quick else (1000, None, 24)
     started = time.perf_counter()
@@ -96,7 +96,9 @@ def main() -> None:
     val = subset(teacher.encoded("validation"), val_n, seed=1)
     test = subset(teacher.encoded("test"), test_n, seed=2)
     config = SupernetConfig(steps=steps)
-    out = cache_root() / "bench_supernet" / f"{teacher.model_dir.parent.name}-{'quick' if quick else 'full'}"
+    rule = ElasticSpace.for_config(teacher.model.config).layers  # a new depth rule means a new SuperTransformer
+    mode = "quick" if quick else "full"
+    out = cache_root() / "bench_supernet" / f"{teacher.model_dir.parent.name}-{mode}-{rule}-{steps}"
     t0 = time.perf_counter()
     elastic, result = train_supernet(teacher.model, teacher.tokenizer, train, config, out, progress=False)
     train_seconds = result.seconds

@@ -7,7 +7,8 @@ that rank from :func:`fitformer.layers.enumerate_shapes`), it times at inference
 - ``dense``: ``nn.Linear``;
 - ``planned``: ``TTLinear`` with the contraction planner (plan made and cached before timing);
 - ``naive_einsum``: one ``opt_einsum.contract`` call over input and cores, ``optimal`` path (path found
-  before timing);
+  before timing), with the reshape of its result to ``(tokens, out)`` that a layer has to return (opt_einsum
+  often hands back a strided view, whose copy can cost more than the contraction);
 - ``tltorch``: ``tltorch.FactorizedLinear`` with BlockTT at the same ranks, best of its ``factorized`` and
   ``reconstructed`` implementations.
 
@@ -41,7 +42,7 @@ def ms(fn, repeats: int = 7) -> float:
     return measure(fn, warmup=2, repeats=repeats, max_seconds=4.0).median_ms
 
 
-def interleaved(fns, rounds: int = 4, repeats: int = 3) -> list[float]:
+def interleaved(fns, rounds: int = 8, repeats: int = 3) -> list[float]:
     """Median milliseconds of each function over rounds that alternate between them, so the ratio of two
     is not skewed by load that comes and goes."""
     chunks = [[] for _ in fns]
@@ -84,7 +85,8 @@ def bench_row(in_f: int, out_f: int, tokens: int, rank: int, kind: str, planner:
         naive = expr(*operands, backend="torch").reshape(tokens, -1)[:, :out_f] + tt.bias
         torch.testing.assert_close(naive, tt(x), rtol=1e-3, atol=1e-3)
         dense_ms, planned_ms = interleaved([lambda: dense(x), lambda: tt(x)])
-        naive_ms = ms(lambda: expr(*operands, backend="torch"), repeats=5)
+        # the reshape to (tokens, out) is part of a layer: opt_einsum may return a strided view
+        naive_ms = ms(lambda: expr(*operands, backend="torch").reshape(tokens, -1), repeats=5)
     return {
         "in": in_f, "out": out_f, "tokens": tokens, "rank": rank,
         "shape": f"{'x'.join(map(str, in_modes))}-{'x'.join(map(str, out_modes))}",

@@ -319,3 +319,25 @@ def test_distill_command_applies_a_plan_and_reports_json(tiny_model_dir, sentime
     with pytest.raises(SystemExit) as exit_info:
         main([*args[:-2], "--schedule", "nope", "-o", str(tmp_path / "bad")])
     assert exit_info.value.code == 2
+
+
+def test_two_stage_trains_a_quantized_tt_student_cores_and_scales(setup, tmp_path):
+    """A QAT student with TT layers and a TT embedding (what bench_quant's qat_w4a8_tt distils) goes through
+    both stages, and its cores and learnable quantizer scales both move."""
+    from fitformer.compress import CompressionPlan, apply_plan
+    from fitformer.compress.quant import QuantPlan, quantize
+    from fitformer.compress.tt import TTEmbeddingPlan, TTPlan
+
+    teacher, data = setup
+    plan = CompressionPlan(layers={
+        "bert.encoder.layer.0.intermediate.dense": [TTPlan(max_rank=4)],
+        "bert.embeddings.word_embeddings": [TTEmbeddingPlan(max_rank=4)],
+    })
+    student = quantize(apply_plan(teacher, plan), {"TTLinear": QuantPlan(4, 8), "TTEmbedding": QuantPlan(4, 8)})
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    config = DistillConfig(schedule="two_stage", max_steps=4, batch_size=8, eval_every_steps=100)
+    result = distill(student, teacher, data, config, tmp_path / "run")
+    assert [s["name"] for s in result.stages] == ["intermediate", "logits"]
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert any("cores" in n and "word_embeddings" in n for n in moved)
+    assert any("core_quant" in n for n in moved)

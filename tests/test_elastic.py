@@ -20,6 +20,7 @@ from fitformer.models.elastic import (
     SubConfig,
     compute_importance,
     extract,
+    kept_layers,
     load_subnet,
     make_elastic,
     save_subnet,
@@ -124,11 +125,13 @@ def test_gradients_of_the_elastic_model_are_those_of_the_extracted_one(reordered
     elastic.set_active(elastic.space.largest())
     small = extract(elastic, sub)
     small(**x).logits.sum().backward()
-    big, little = elastic.model.bert.encoder.layer[1], small.bert.encoder.layer[1]
+    kept = elastic.layer_indices(sub)
+    assert kept == (0, 2)  # depth 2 of 3 keeps the first and the last layer
+    big, little = elastic.model.bert.encoder.layer[kept[1]], small.bert.encoder.layer[1]
     g = big.intermediate.dense.weight.grad
     torch.testing.assert_close(g[:64, :24], little.intermediate.dense.weight.grad, atol=1e-6, rtol=1e-4)
     assert torch.count_nonzero(g[:, 24:]) == 0
-    assert elastic.model.bert.encoder.layer[2].output.dense.weight.grad is None  # layer beyond depth
+    assert elastic.model.bert.encoder.layer[1].output.dense.weight.grad is None  # a layer the sub-network skips
     q = big.attention.self.query.weight.grad
     assert torch.count_nonzero(q[8:]) == 0  # one head of head_dim 8
     elastic.zero_grad()
@@ -179,6 +182,8 @@ def test_subconfig_and_space_are_plain_data():
     assert space == ElasticSpace(depth=(2, 3, 4, 5, 6), hidden=(192, 256, 320, 384), heads=(4, 6, 8, 10, 12),
                                  ffn=(384, 768, 1152, 1536), head_dim=32)
     assert ElasticSpace.from_dict(space.to_dict()) == space
+    old = {k: v for k, v in space.to_dict().items() if k != "layers"}  # saved before the depth rule
+    assert ElasticSpace.from_dict(old).layers == "first"
     assert space.validate(sub) is sub
     with pytest.raises(UserError, match="heads of layer 1 = 5"):
         space.validate(SubConfig(256, (8, 5), (768, 384)))
@@ -187,10 +192,25 @@ def test_subconfig_and_space_are_plain_data():
         space.validate(space.sample(rng))
 
 
+def test_shallow_subnets_keep_spread_layers_including_the_last():
+    assert kept_layers(2, 6) == (0, 5) and kept_layers(5, 6) == (0, 1, 2, 4, 5) and kept_layers(6, 6) == tuple(range(6))
+    assert kept_layers(3, 6, "first") == (0, 1, 2) and kept_layers(1, 6) == (0,)
+    with pytest.raises(UserError, match="depth 7"):
+        kept_layers(7, 6)
+    model = _model()
+    elastic = ElasticBert(model)
+    n = elastic.full.depth
+    small = extract(elastic, SubConfig(elastic.full.hidden, elastic.full.heads[:2], elastic.full.ffn[:2]))
+    last = model.bert.encoder.layer[n - 1].output.dense.weight
+    assert torch.equal(small.bert.encoder.layer[1].output.dense.weight, last)
+
+
 def test_bad_models_and_spaces_are_user_errors():
     model = _model()
     with pytest.raises(UserError, match="head_dim"):
         ElasticBert(model, ElasticSpace((2,), (32,), (4,), (64,), head_dim=4))
+    with pytest.raises(UserError, match="depth rule"):
+        ElasticSpace((2,), (32,), (4,), (64,), head_dim=8, layers="last")
     with pytest.raises(UserError, match="exceeds"):
         ElasticBert(model, ElasticSpace((2,), (32,), (8,), (64,), head_dim=8))
     with pytest.raises(UserError, match="not a BERT"):

@@ -230,6 +230,11 @@ def test_inference_cache_follows_weight_updates():
         before = tt(x)
         tt.cores[0].mul_(2)
         torch.testing.assert_close(tt(x) - tt.bias, (before - tt.bias) * 2)
+        tt.cores[1] = nn.Parameter(tt.cores[1] * 3)  # a new tensor, not an in-place update
+        torch.testing.assert_close(tt(x) - tt.bias, (before - tt.bias) * 6)
+        tt.intermediate_quant = Counter()  # a hook set after a cached call is honoured
+        tt(x)
+        assert tt.intermediate_quant.calls >= 1
 
 
 def test_bad_input_is_a_user_error():

@@ -50,5 +50,5 @@ def _extract_subnet(model: nn.Module, plan: SubnetPlan) -> nn.Module:
         raise UserError(f"sub-network hidden size {sub.hidden} must be a multiple of the head dimension "
                         f"{elastic.head_dim}")
     space = ElasticSpace(depth=(sub.depth,), hidden=(sub.hidden,), heads=tuple(sorted(set(sub.heads))),
-                         ffn=tuple(sorted(set(sub.ffn))), head_dim=elastic.head_dim)
+                         ffn=tuple(sorted(set(sub.ffn))), head_dim=elastic.head_dim, layers=elastic.space.layers)
     return extract(ElasticBert(elastic.model, space), sub)

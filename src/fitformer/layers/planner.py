@@ -11,7 +11,7 @@ Candidate executions (:class:`Execution`):
   multiplied into one larger core before the chain runs (once, cached at inference), trading FLOPs for
   fewer and larger GEMMs. The two extreme groupings are the unfused chain and one group of all cores.
 - ``einsum`` — a pairwise path found by ``opt_einsum`` (several optimizers; each path re-scored by the
-  planner's cost function), each pair executed by ``torch.einsum``.
+  planner's cost function), each pair executed by opt_einsum on torch (``tensordot``: one GEMM per pair).
 - ``reconstruct`` — rebuild the dense weight from the cores every call and run one GEMM (training).
 - ``dense`` — inference only: the reconstructed weight is cached and the layer runs as ``nn.Linear`` does,
   so a TT layer whose factorization does not pay is no slower than the dense layer it replaced.
@@ -199,13 +199,21 @@ def einsum_steps(spec: TTSpec, path: tuple[tuple[int, int], ...],
     return [(tuple(step[0]), step[2]) for step in info.contraction_list]
 
 
+@functools.lru_cache(maxsize=4096)
+def _pair_expression(eq: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]):
+    """opt_einsum's compiled expression for one pairwise step: it maps the pair onto ``tensordot`` (one GEMM
+    after reshapes) and leaves the result as a transposed view, which ``torch.einsum`` does not (it copies
+    into the output order, often several times slower)."""
+    return opt_einsum.contract_expression(eq, shape_a, shape_b, optimize=[(0, 1)])
+
+
 def run_einsum(x: torch.Tensor, cores: Sequence[torch.Tensor], spec: TTSpec,
                steps: Sequence[tuple[tuple[int, ...], str]], hook: Hook = _identity) -> torch.Tensor:
     """Pairwise contraction along a precomputed path; every intermediate passes through ``hook``."""
     operands = einsum_operands(x, spec, cores)
     for n, (inds, eq) in enumerate(steps):
-        args = [operands.pop(i) for i in inds]
-        out = torch.einsum(eq, *args)
+        a, b = (operands.pop(i) for i in inds)
+        out = _pair_expression(eq, tuple(a.shape), tuple(b.shape))(a, b, backend="torch")
         operands.append(hook(out) if n < len(steps) - 1 else out)
     return operands[0].reshape(x.shape[0], spec.out_padded)
 
@@ -369,7 +377,8 @@ class Planner:
     """Chooses an :class:`Execution` per (layer shape, ranks, token bucket, dtype, training) and caches it.
 
     ``cost`` maps a list of ops to seconds (default: :class:`RooflineCost`, calibrated on first use when
-    measuring); ``measure`` times the ``top_k`` cheapest candidates and the dense reference on the host;
+    measuring); ``measure`` times the ``top_k`` cheapest candidates, the cheapest of each kind (left-to-right
+    chain, right-to-left chain, einsum path) and the dense reference on the host;
     ``margin`` is how much faster a factorized execution must be to beat the reference; candidates estimated
     at more than ``explore`` times the reference's cost, or doing more FLOPs per call than the dense GEMM,
     are not timed.
@@ -448,9 +457,12 @@ class Planner:
         # only time candidates the cost model does not rule out (some chains build huge intermediates) and
         # that do less arithmetic per call than the dense GEMM (timing noise must not pick a loser)
         dense_flops = 2 * bucket * spec.in_features * spec.out_features
-        factorized = [exe for c, exe in scored
-                      if exe.kind not in ("dense", "reconstruct") and c <= self.explore * ref_cost
-                      and self._run_flops(exe, spec, bucket, training) < dense_flops][: self.top_k]
+        eligible = [exe for c, exe in scored
+                    if exe.kind not in ("dense", "reconstruct") and c <= self.explore * ref_cost
+                    and self._run_flops(exe, spec, bucket, training) < dense_flops]
+        # the cost model cannot see strided copies well: the cheapest of each kind and direction is timed too
+        firsts = {(exe.kind, exe.direction if exe.kind == "chain" else ""): exe for exe in reversed(eligible)}
+        factorized = list(dict.fromkeys([*eligible[: self.top_k], *firsts.values()]))
         times = self.time([reference, *factorized], spec, bucket, dtype, training)
         best = min(factorized, key=lambda e: times[e.describe()], default=reference)
         if times[best.describe()] > (1 - self.margin) * times[reference.describe()]:

@@ -31,7 +31,18 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .planner import Execution, Planner, TTSpec, default_planner, execution_ops, is_tracing, merge_cores, prepare, run
+from .planner import (
+    Execution,
+    Planner,
+    TTSpec,
+    default_planner,
+    execution_ops,
+    is_tracing,
+    merge_cores,
+    prepare,
+    run,
+    token_bucket,
+)
 from .tensorize import Op, balanced_modes, bond_ranks, prod, validate_shape
 
 
@@ -152,6 +163,7 @@ class TTLinear(_TTBase):
             if bias else None
         self.planner = planner
         self._cache: tuple[tuple, list[torch.Tensor]] | None = None
+        self._fast: tuple | None = None
 
     @property
     def spec(self) -> TTSpec:
@@ -185,16 +197,37 @@ class TTLinear(_TTBase):
                 self._cache = (key, prepare(exe, self.spec, cores))
         return self._cache[1]
 
+    def _fast_key(self, x2: torch.Tensor) -> tuple | None:
+        """Key of the inference fast path: plain stored cores that need no gradient, so the plan and the
+        prepared operands of the last call can be reused without touching the planner (whose per-call
+        bookkeeping would cost as much as a small GEMM)."""
+        params = self.cores._parameters
+        if (self.intermediate_quant is not None or len(params) != len(self.in_modes) or is_tracing()
+                or type(self).effective_cores is not _TTBase.effective_cores
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in params.values()))):
+            return None
+        return (token_bucket(x2.shape[0]), x2.dtype, x2.device, id(self._planner()),
+                tuple((p.data_ptr(), p._version) for p in params.values()))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise UserError(f"TTLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        key = self._fast_key(x2)
+        fast = getattr(self, "_fast", None)
+        if key is not None and fast is not None and fast[0] == key:
+            _, exe, operands, spec = fast
+            return run(exe, x2, operands, spec, bias=self.bias).reshape(*lead, self.out_features)
         cores = self.effective_cores()
         training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         tokens = x2.shape[0] if not is_tracing() else 128
-        exe = self._planner().plan(self.spec, tokens, x.dtype, training)
-        y = run(exe, x2, self._operands(exe, cores, training), self.spec, self._hook(), bias=self.bias)
+        spec = self.spec
+        exe = self._planner().plan(spec, tokens, x.dtype, training)
+        operands = self._operands(exe, cores, training)
+        if key is not None:
+            self._fast = (key, exe, operands, spec)
+        y = run(exe, x2, operands, spec, self._hook(), bias=self.bias)
         return y.reshape(*lead, self.out_features)
 
     @property

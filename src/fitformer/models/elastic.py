@@ -20,7 +20,11 @@ Choices fixed here (and why):
   channels, with the first ``hidden`` entries of its weight and bias). The elastic forward and :func:`extract`
   do exactly the same (the extracted model has ``LayerNorm(hidden)`` with the sliced parameters), so the
   extracted model reproduces the elastic model at that configuration.
-- **Depth keeps the first layers**, as in HAT.
+- **Depth keeps evenly spread layers, the first and the last always among them** (``layers="spread"``, the
+  default; :func:`kept_layers`): depth 2 of 6 runs layers 0 and 5, depth 5 drops layer 3. The pooler and
+  classifier were trained on the last layer's output, so a shallow sub-network that keeps it starts far
+  closer to the teacher (MiniLM-L6 on rotten-tomatoes, no training: 0.70 at depth 2 vs the majority class
+  when keeping layers 0-1). ``layers="first"`` keeps the first ``depth`` layers, as in HAT.
 
 :func:`extract` returns a real ``transformers.BertForSequenceClassification`` with smaller matrices (so its
 latency is really lower); per-layer head counts and FFN widths may differ, which Hugging Face's
@@ -103,6 +107,11 @@ class ElasticSpace:
     heads: tuple[int, ...]
     ffn: tuple[int, ...]
     head_dim: int
+    layers: str = "spread"  # which layers a shallower sub-network keeps: "spread" or "first" (kept_layers)
+
+    def __post_init__(self) -> None:
+        if self.layers not in LAYER_RULES:
+            raise UserError(f"unknown depth rule layers='{self.layers}'; use one of {list(LAYER_RULES)}")
 
     @classmethod
     def for_config(cls, config: BertConfig) -> ElasticSpace:
@@ -153,7 +162,26 @@ class ElasticSpace:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ElasticSpace:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        """Inverse of :meth:`to_dict`; a space saved before the depth rule existed kept the first layers."""
+        return cls(**{"layers": "first", **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}})
+
+
+LAYER_RULES = ("spread", "first")
+
+
+def kept_layers(depth: int, total: int, rule: str = "spread") -> tuple[int, ...]:
+    """Indices of the ``total`` layers that a sub-network of ``depth`` layers runs, in order.
+
+    ``"spread"``: evenly spaced from the first to the last layer (``round(k (total-1) / (depth-1))``);
+    ``"first"``: layers ``0..depth-1``.
+    """
+    if not 1 <= depth <= total:
+        raise UserError(f"depth {depth} must be between 1 and the model's {total} layers")
+    if rule == "first" or depth == 1:
+        return tuple(range(depth))
+    if rule != "spread":
+        raise UserError(f"unknown depth rule '{rule}'; use one of {list(LAYER_RULES)}")
+    return tuple(round(k * (total - 1) / (depth - 1)) for k in range(depth))
 
 
 # --------------------------------------------------------------------------------------------- elastic model
@@ -214,6 +242,10 @@ class ElasticBert(nn.Module):
     def config(self) -> BertConfig:
         return self.model.config
 
+    def layer_indices(self, sub: SubConfig) -> tuple[int, ...]:
+        """The full model's layers that ``sub`` runs (see :func:`kept_layers`)."""
+        return kept_layers(sub.depth, self.full.depth, self.space.layers)
+
     def set_active(self, sub: SubConfig) -> SubConfig:
         """Run later forwards at ``sub`` (validated against the design space); returns the previous one."""
         previous, self.active = self.active, self.space.validate(sub)
@@ -241,8 +273,8 @@ class ElasticBert(nn.Module):
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, None, None, :].to(torch.bool)
-        for i in range(sub.depth):
-            layer = bert.encoder.layer[i]
+        for i, j in enumerate(self.layer_indices(sub)):
+            layer = bert.encoder.layer[j]
             att, heads, f = layer.attention, sub.heads[i], sub.ffn[i]
             inner = heads * hd
             q, k, v = (F.linear(x, lin.weight[:inner, :d], lin.bias[:inner]).view(batch, length, heads, hd)
@@ -420,7 +452,8 @@ def subnet_config(elastic: ElasticBert, sub: SubConfig) -> BertConfig:
 
 @torch.no_grad()
 def extract(supernet: ElasticBert, sub: SubConfig) -> BertForSequenceClassification:
-    """A standalone dense ``BertForSequenceClassification`` with the leading-slice weights of ``sub``.
+    """A standalone dense ``BertForSequenceClassification`` with the leading-slice weights of ``sub`` (of the
+    layers :meth:`ElasticBert.layer_indices` keeps).
 
     Its matrices are really smaller, and it computes the same function as ``supernet`` run at ``sub``.
     """
@@ -441,8 +474,8 @@ def extract(supernet: ElasticBert, sub: SubConfig) -> BertForSequenceClassificat
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         getattr(de, name).weight.copy_(getattr(se, name).weight[:, :d])
     copy_norm(de.LayerNorm, se.LayerNorm)
-    for i in range(sub.depth):
-        s, t = src.bert.encoder.layer[i], out.bert.encoder.layer[i]
+    for i, j in enumerate(supernet.layer_indices(sub)):
+        s, t = src.bert.encoder.layer[j], out.bert.encoder.layer[i]
         inner, f = sub.heads[i] * hd, sub.ffn[i]
         for name in ("query", "key", "value"):
             copy_linear(getattr(t.attention.self, name), getattr(s.attention.self, name), inner, d)
