@@ -103,8 +103,7 @@ def qat_row(method: str, base: nn.Module, spec: Any, teacher, test, calib, input
     calibrate(student, calib)
     ptq = evaluate(student, test, teacher.label_names).accuracy
     weights = sha256_file(dense_file_of(teacher) / "model.safetensors")
-    key = sha256_json([method, weights, steps, minutes, lr, repr(spec), quick]
-                      + ([schedule] if schedule != "logits_kd" else []))[:12]
+    key = sha256_json([method, weights, steps, minutes, lr, repr(spec), quick, schedule])[:12]
     config = DistillConfig(schedule=schedule, max_steps=steps, budget_minutes=minutes, learning_rate=lr,
                            warmup_ratio=0.1,
                            eval_every_steps=steps, checkpoint_every_steps=max(50, steps // 4), batch_size=32)

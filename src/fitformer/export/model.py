@@ -90,7 +90,6 @@ def load_compressed(model_dir: str | Path) -> tuple[torch.nn.Module, Any, dict[s
     return model, load_tokenizer(path), meta
 
 
-
 @dataclass
 class CompressedClassifier:
     """A loaded classifier that predicts labels for raw texts."""

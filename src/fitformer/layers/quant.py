@@ -393,7 +393,7 @@ class _QuantTT(QuantModule):
         out.intermediate_quant = act
         out.input_quant = copy.deepcopy(act) if cls.quantizes_input else None
         if hasattr(out, "_cache"):
-            out._cache = out._fast = None
+            out._cache = None
         return out
 
     @property

@@ -16,8 +16,8 @@ Hooks for quantization (and any other wrapper):
   passes through it; the layer output does not. Setting it disables the inference cache of core work.
 - ``effective_cores() -> list[Tensor]``: the cores as used by ``forward``. Override it in a subclass, or
   parametrize ``layer.cores`` entries with ``torch.nn.utils.parametrize.register_parametrization(layer.cores,
-  "0", FakeQuant())`` — either way forward sees the transformed cores. When the returned tensors are not
-  the raw parameters, the inference cache is bypassed.
+  "0", FakeQuant())`` — either way forward sees the transformed cores, and the inference cache is
+  bypassed.
 - ``cost_ops(tokens, training=False) -> list[dict]``: the planned execution's steps as plain data (see
   :mod:`fitformer.layers.tensorize`), for cost models.
 """
@@ -125,10 +125,6 @@ class _TTBase(nn.Module):
     def _hook(self):
         return self.intermediate_quant if self.intermediate_quant is not None else (lambda t: t)
 
-    def _raw(self, cores: Sequence[torch.Tensor]) -> bool:
-        """Whether ``cores`` are the stored parameters themselves (then core work can be cached)."""
-        return self.intermediate_quant is None and all(c is p for c, p in zip(cores, self.cores, strict=True))
-
     @property
     def ranks(self) -> tuple[int, ...]:
         return (1, *(int(c.shape[-1]) for c in self.cores))
@@ -162,8 +158,7 @@ class TTLinear(_TTBase):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)) \
             if bias else None
         self.planner = planner
-        self._cache: tuple[tuple, list[torch.Tensor]] | None = None
-        self._fast: tuple | None = None
+        self._cache: tuple | None = None  # (key, execution, operands, spec) of the last inference call
 
     @property
     def spec(self) -> TTSpec:
@@ -188,19 +183,11 @@ class TTLinear(_TTBase):
         """FLOPs of the planned execution per call at ``tokens`` rows (as :meth:`cost_ops` counts them)."""
         return sum(int(op["flops"]) for op in self.cost_ops(tokens, training))
 
-    def _operands(self, exe: Execution, cores: list[torch.Tensor], training: bool) -> list[torch.Tensor]:
-        if training or is_tracing() or not self._raw(cores):
-            return prepare(exe, self.spec, cores, self._hook())
-        key = (exe, cores[0].dtype, cores[0].device, tuple((p.data_ptr(), p._version) for p in self.cores))
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, prepare(exe, self.spec, cores))
-        return self._cache[1]
-
-    def _fast_key(self, x2: torch.Tensor) -> tuple | None:
-        """Key of the inference fast path: plain stored cores that need no gradient, so the plan and the
-        prepared operands of the last call can be reused without touching the planner (whose per-call
-        bookkeeping would cost as much as a small GEMM)."""
+    def _cache_key(self, x2: torch.Tensor) -> tuple | None:
+        """Key of the inference cache, or ``None`` when it does not apply. It applies to plain stored cores
+        that need no gradient (no hook, no parametrization, no ``effective_cores`` override): then the plan and
+        the prepared operands (fused cores, the dense weight) of the last call are reused without touching
+        the planner, whose per-call bookkeeping would cost as much as a small GEMM."""
         params = self.cores._parameters
         if (self.intermediate_quant is not None or len(params) != len(self.in_modes) or is_tracing()
                 or type(self).effective_cores is not _TTBase.effective_cores
@@ -214,19 +201,19 @@ class TTLinear(_TTBase):
             raise UserError(f"TTLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        key = self._fast_key(x2)
-        fast = getattr(self, "_fast", None)
-        if key is not None and fast is not None and fast[0] == key:
-            _, exe, operands, spec = fast
+        key = self._cache_key(x2)
+        cache = getattr(self, "_cache", None)
+        if key is not None and cache is not None and cache[0] == key:
+            _, exe, operands, spec = cache
             return run(exe, x2, operands, spec, bias=self.bias).reshape(*lead, self.out_features)
         cores = self.effective_cores()
         training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         tokens = x2.shape[0] if not is_tracing() else 128
         spec = self.spec
         exe = self._planner().plan(spec, tokens, x.dtype, training)
-        operands = self._operands(exe, cores, training)
+        operands = prepare(exe, spec, cores, self._hook())
         if key is not None:
-            self._fast = (key, exe, operands, spec)
+            self._cache = (key, exe, operands, spec)
         y = run(exe, x2, operands, spec, self._hook(), bias=self.bias)
         return y.reshape(*lead, self.out_features)
 
