@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import markdown_table, parser, write_results  # noqa: E402
-from fitformer.compress import CompressionPlan, apply_plan  # noqa: E402
+from fitformer.compress import CompressionPlan, apply_plan, refit_factorized  # noqa: E402
 from fitformer.compress.quant import QuantPlan, calibrate, freeze, quantize  # noqa: E402
 from fitformer.compress.tt import TTEmbeddingPlan, TTPlan, linear_layers  # noqa: E402
 from fitformer.data import load_task, split_dataset  # noqa: E402
@@ -96,14 +96,16 @@ def ort_accuracy(session, test, label_names) -> float:
 
 
 def qat_row(method: str, base: nn.Module, spec: Any, teacher, test, calib, inputs, steps: int, minutes: float,
-            lr: float, work: Path, threads: int, quick: bool, schedule: str = "logits_kd") -> dict[str, Any]:
+            lr: float, work: Path, threads: int, quick: bool, schedule: str = "logits_kd",
+            key_extra: Any = None) -> dict[str, Any]:
     """Quantize, calibrate, distil, freeze, save packed, export to ONNX, evaluate and time."""
     t0 = time.perf_counter()
     student = quantize(base, spec)
     calibrate(student, calib)
     ptq = evaluate(student, test, teacher.label_names).accuracy
     weights = sha256_file(dense_file_of(teacher) / "model.safetensors")
-    key = sha256_json([method, weights, steps, minutes, lr, repr(spec), quick, schedule])[:12]
+    key = sha256_json([method, weights, steps, minutes, lr, repr(spec), quick, schedule]
+                      + ([] if key_extra is None else [key_extra]))[:12]
     config = DistillConfig(schedule=schedule, max_steps=steps, budget_minutes=minutes, learning_rate=lr,
                            warmup_ratio=0.1,
                            eval_every_steps=steps, checkpoint_every_steps=max(50, steps // 4), batch_size=32)
@@ -146,6 +148,8 @@ def main() -> None:
     p.add_argument("--teacher-dir", default=None, help="A fine-tuned classifier directory to use instead of "
                    "get_teacher() (same task, splits and max length as the default teacher).")
     p.add_argument("--tt-rank", type=int, default=68, help="TT rank of the encoder linears (68: about 5x).")
+    p.add_argument("--tt-refit-steps", type=int, default=200, help="Steps of the data-aware refit of the TT "
+                   "layers (and the TT embedding, on the training text's tokens) before QAT; 0: TT-SVD start only.")
     p.add_argument("--tt-embedding-rank", type=int, default=64, help="TT rank of the word embedding.")
     args = p.parse_args()
     threads = min(args.threads, 2)
@@ -197,12 +201,21 @@ def main() -> None:
     plan = tt_plan(model, args.tt_rank, args.tt_embedding_rank)
     tt_model = apply_plan(model, plan)
     tt_model.fitformer_plans = [plan.to_dict()]
+    refit = None
+    if args.tt_refit_steps:
+        t0 = time.perf_counter()
+        report = refit_factorized(tt_model, model, calib, steps=args.tt_refit_steps,
+                                  token_counts=train.token_counts(vocab))
+        refit = {"steps": args.tt_refit_steps, "seconds": time.perf_counter() - t0,
+                 "errors_before": report.before, "errors_after": report.after}
+        print(f"{report.summary()} in {refit['seconds']:.0f} s", flush=True)
     row = qat_row("qat_w4a8_tt", tt_model, {**head, "TTLinear": QuantPlan(4, 8), "TTEmbedding": QuantPlan(4, 8),
                                              "Embedding": QuantPlan(4, None)},
                   teacher, test, calib, inputs, args.steps_tt, args.minutes_tt, 1e-4, work, threads, quick,
-                  args.schedule_tt)
+                  args.schedule_tt, key_extra=args.tt_refit_steps)
     row["tt"] = {"linear_rank": args.tt_rank, "embedding_rank": args.tt_embedding_rank,
-                 "embedding_reconstruction_error": tt_model.bert.embeddings.word_embeddings.reconstruction_error}
+                 "embedding_reconstruction_error": tt_model.bert.embeddings.word_embeddings.reconstruction_error,
+                 "refit": refit}
     log(row)
 
     summary = summarize(rows)

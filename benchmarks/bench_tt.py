@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import markdown_table, parser, write_results  # noqa: E402
-from fitformer.hardware.timing import measure  # noqa: E402
+from fitformer.hardware.timing import measure, measure_interleaved  # noqa: E402
 from fitformer.layers import Planner, TTLinear, balanced_modes, choose_tensorization  # noqa: E402
 from fitformer.layers.planner import _einsum_equation, einsum_operands  # noqa: E402
 
@@ -40,16 +40,6 @@ RANKS = [8, 16, 32, 64]
 
 def ms(fn, repeats: int = 7) -> float:
     return measure(fn, warmup=2, repeats=repeats, max_seconds=4.0).median_ms
-
-
-def interleaved(fns, rounds: int = 8, repeats: int = 3) -> list[float]:
-    """Median milliseconds of each function over rounds that alternate between them, so the ratio of two
-    is not skewed by load that comes and goes."""
-    chunks = [[] for _ in fns]
-    for r in range(rounds):
-        for i, fn in enumerate(fns):
-            chunks[i].append(measure(fn, warmup=2 if r == 0 else 0, repeats=repeats, max_seconds=2.0).median_ms)
-    return [statistics.median(c) for c in chunks]
 
 
 def tltorch_ms(in_modes, out_modes, ranks, x) -> float:
@@ -84,7 +74,7 @@ def bench_row(in_f: int, out_f: int, tokens: int, rank: int, kind: str, planner:
         expr = opt_einsum.contract_expression(eq, *[o.shape for o in operands], optimize="optimal")
         naive = expr(*operands, backend="torch").reshape(tokens, -1)[:, :out_f] + tt.bias
         torch.testing.assert_close(naive, tt(x), rtol=1e-3, atol=1e-3)
-        dense_ms, planned_ms = interleaved([lambda: dense(x), lambda: tt(x)])
+        dense_ms, planned_ms = measure_interleaved([lambda: dense(x), lambda: tt(x)])
         # the reshape to (tokens, out) is part of a layer: opt_einsum may return a strided view
         naive_ms = ms(lambda: expr(*operands, backend="torch").reshape(tokens, -1), repeats=5)
     return {

@@ -172,6 +172,30 @@ def test_embedding_full_rank_lookup_and_gradients():
     assert max(small.ranks) == 2 and small.reconstruction_error > 0
 
 
+def test_embedding_fit_rows_spends_rank_on_used_tokens():
+    torch.manual_seed(0)
+    emb = nn.Embedding(60, 12).double()
+    used = torch.tensor([1, 4, 7, 30, 59])
+    counts = torch.tensor([50.0, 1.0, 1.0, 20.0, 3.0], dtype=torch.float64)
+    tt = TTEmbedding.from_embedding(emb, (3, 4, 5), (2, 2, 3), max_rank=2)
+
+    def weighted_error(layer: TTEmbedding) -> float:
+        with torch.no_grad():
+            diff = (layer.rows(used) - emb.weight[used]).pow(2).sum(1)
+            return math.sqrt(float((counts * diff).sum() / (counts * emb.weight[used].pow(2).sum(1)).sum()))
+
+    before = weighted_error(tt)
+    assert tt.fit_rows(emb.weight, used, counts, steps=0) == pytest.approx(before)
+    after = tt.fit_rows(emb.weight, used, counts, steps=400, lr=1e-2)
+    assert after == pytest.approx(weighted_error(tt)) and after < 0.5 * before
+    with pytest.raises(UserError, match="token ids"):
+        tt.fit_rows(emb.weight, torch.tensor([60]))
+    with pytest.raises(UserError, match="target table"):
+        tt.fit_rows(emb.weight[:10], used)
+    with pytest.raises(UserError, match="weights"):
+        tt.fit_rows(emb.weight, used, counts[:2])
+
+
 def test_low_rank_linear():
     lin = nn.Linear(20, 30).double()
     x = torch.randn(4, 20, dtype=torch.float64)

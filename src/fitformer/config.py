@@ -76,6 +76,8 @@ class RunConfig(BaseModel):
     distill_schedule: Literal["progressive", "two_stage", "logits_kd", "finetune_only"] = Field(
         "progressive", description="Distillation schedule (docs/distillation.md); logits_kd suits short budgets.")
     distill_batch_size: int = Field(32, ge=1, description="Distillation batch size.")
+    refit_steps: int = Field(200, ge=0, description="Adam steps fitting each factorized (TT, low-rank) layer "
+                             "to the teacher's outputs on calibration tokens before distillation (0: TT-SVD only).")
     seq_len: int = Field(128, ge=1, description="Tokens per example of the cost model.")
     latency_batch: int = Field(1, ge=1, description="Batch size of the cost model.")
     latency_repeats: int = Field(20, ge=3, description="Timed calls per host latency measurement.")

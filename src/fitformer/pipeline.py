@@ -245,6 +245,16 @@ class Pipeline:
         student = apply_plan(self.teacher.model, CompressionPlan.from_dict(cand["plan"]))
         if weights is not None:
             student.load_state_dict(load_file(str(weights)))
+        elif self.config.refit_steps:
+            from .compress import refit_factorized
+
+            train = self.teacher.encoded("train")
+            calibration = train.select(range(min(256, len(train)))).batches(32)
+            report = refit_factorized(student, self.teacher.model, calibration, steps=self.config.refit_steps,
+                                      token_counts=train.token_counts(self.teacher.model.config.vocab_size),
+                                      seed=self.config.seed)
+            if report.after:
+                self.log(report.summary())
         return student.eval()
 
     def _distill_stage(self, run: RunDir, cand: dict[str, Any], index: int) -> tuple[Any, list[str]]:

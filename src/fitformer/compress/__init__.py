@@ -18,6 +18,7 @@ from .plan import (
     register_plan,
     resolve_layers,
 )
+from .refit import RefitReport, refit_factorized
 from .tt import LowRankPlan, TTEmbeddingPlan, TTPlan, tt_plan_for_model  # noqa: F401  (kinds tt, low_rank, tt_embedding)
 
 __all__ = [
@@ -26,9 +27,11 @@ __all__ = [
     "Keep",
     "LayerPlan",
     "ModelPlan",
+    "RefitReport",
     "apply_plan",
     "plan_from_dict",
     "plan_to_dict",
+    "refit_factorized",
     "register_handler",
     "register_plan",
     "resolve_layers",

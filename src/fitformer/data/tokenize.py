@@ -32,6 +32,10 @@ class EncodedDataset:
             self.input_ids[idx], self.attention_mask[idx], self.token_type_ids[idx], self.labels[idx]
         )
 
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
+        """How often each token id occurs (padding excluded): which rows of an embedding the task uses."""
+        return torch.bincount(self.input_ids[self.attention_mask.bool()], minlength=vocab_size)
+
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """One batch as model keyword arguments plus ``labels``, trimmed to its longest sequence."""
         mask = self.attention_mask[indices]

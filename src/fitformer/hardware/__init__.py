@@ -18,7 +18,7 @@ from .ops import (
     tt_linear_ops,
 )
 from .spec import DeviceSpec, get_device, load_catalog, load_spec
-from .timing import Timing, measure
+from .timing import Timing, measure, measure_interleaved
 
 __all__ = [
     "AnalyticCostModel",
@@ -39,6 +39,7 @@ __all__ = [
     "load_catalog",
     "load_spec",
     "measure",
+    "measure_interleaved",
     "measure_module",
     "ops_from_config",
     "ops_from_module",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -67,3 +67,19 @@ def measure(
         min_ms=ordered[0],
         repeats=len(samples),
     )
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]], rounds: int = 8, repeats: int = 3, max_seconds: float = 2.0
+) -> list[float]:
+    """Median milliseconds of each of ``fns`` over ``rounds`` that alternate between them.
+
+    Why: on a shared machine load comes and goes; timing A then B lets a burst land on one side only,
+    while alternating short rounds spreads it over both, so the ratio of two results is trustworthy.
+    """
+    chunks: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i, fn in enumerate(fns):
+            t = measure(fn, warmup=2 if r == 0 else 0, repeats=repeats, max_seconds=max_seconds)
+            chunks[i].append(t.median_ms)
+    return [statistics.median(c) for c in chunks]

@@ -353,3 +353,48 @@ class TTEmbedding(_TTBase):
         layer.reconstruction_error = err
         return layer
 
+    def fit_rows(self, target: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None = None,
+                 steps: int = 300, lr: float = 3e-3) -> float:
+        """Refit the cores (Adam, full batch) to the rows ``target[ids]`` of a dense table, each row's squared
+        error weighted by ``weights`` (e.g. how often the task uses that token); returns the weighted relative
+        error reached (never worse than the start's).
+
+        Why: a vocabulary table is far from low TT-rank (TT-SVD of a 30k x 384 table at rank 64 leaves ~90%
+        relative error), but a task touches a fraction of the rows, most of its tokens from a few thousand.
+        Spending the rank on those rows starts distillation from a far better embedding.
+        """
+        ids = ids.reshape(-1).to(torch.long)
+        if ids.numel() == 0:
+            raise UserError("fit_rows needs at least one token id")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings:
+            raise UserError(f"token ids must be in [0, {self.num_embeddings})")
+        if tuple(target.shape) != (self.num_embeddings, self.embedding_dim):
+            raise UserError(f"target table is {tuple(target.shape)}; expected "
+                            f"({self.num_embeddings}, {self.embedding_dim})")
+        if steps < 0:
+            raise UserError(f"steps={steps}: must be >= 0")
+        dtype = self.cores[0].dtype
+        rows = target.detach()[ids].to(dtype)
+        w = torch.ones(ids.numel(), dtype=dtype) if weights is None else weights.detach().reshape(-1).to(dtype)
+        if w.shape[0] != ids.numel() or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise UserError("weights must be one non-negative number per id, not all zero")
+        w = (w / (w * rows.pow(2).sum(1)).sum().clamp_min(1e-30)).unsqueeze(1)
+
+        def error() -> torch.Tensor:
+            return ((self.rows(ids) - rows).pow(2) * w).sum()
+
+        with torch.no_grad():
+            start, before = [c.detach().clone() for c in self.cores], error().sqrt().item()
+        optimizer = torch.optim.Adam(self.cores.parameters(), lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            error().backward()
+            optimizer.step()
+        with torch.no_grad():
+            after = error().sqrt().item()
+            if after > before:  # keep the starting cores if the fit ends worse than it began
+                for core, saved in zip(self.cores, start, strict=True):
+                    core.copy_(saved)
+                return before
+        return after
+
