@@ -8,6 +8,7 @@ from transformers import BertForSequenceClassification
 
 from fitformer.compress import CompressionPlan, TTEmbeddingPlan, apply_plan, refit_factorized, tt_plan_for_model
 from fitformer.errors import UserError
+from fitformer.layers import TTLinear
 from fitformer.models import tiny_bert_config
 
 
@@ -56,6 +57,9 @@ def test_refit_of_a_full_rank_student_stays_exact_and_dense_models_are_left_alon
     report = refit_factorized(student, teacher, batches(teacher.config.vocab_size, 1), steps=0)
     assert max(report.before.values()) < 1e-5 and report.before == report.after
     assert refit_factorized(apply_plan(teacher, CompressionPlan()), teacher, []).after == {}
+    narrower = apply_plan(teacher, CompressionPlan())  # e.g. a pruned FFN: not the teacher layer's function
+    narrower.bert.encoder.layer[0].intermediate.dense = TTLinear.from_linear(torch.nn.Linear(32, 16), max_rank=2)
+    assert refit_factorized(narrower, teacher, batches(teacher.config.vocab_size, 1)).after == {}
     with pytest.raises(UserError, match="no calibration batches"):
         refit_factorized(student, teacher, [])
     with pytest.raises(UserError, match="steps"):

@@ -112,7 +112,8 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
                      embedding_steps: int = 300, token_counts: torch.Tensor | None = None,
                      seed: int = 0) -> RefitReport:
     """Fit every factorized layer of ``student`` (made by ``apply_plan`` from ``teacher``, so layer names
-    match) to the teacher's dense layer on the teacher's inputs from ``batches``; in place.
+    match) to the teacher's dense layer on the teacher's inputs from ``batches``; in place. Layers whose
+    sizes differ from the teacher's (pruned, or in a narrower sub-network) are left as they are.
 
     ``steps`` Adam steps of ``batch_tokens`` tokens per layer, on at most ``max_tokens`` recorded tokens;
     ``embedding_steps`` for a TT word embedding (0 leaves it as it is), fitted to the rows in
@@ -124,10 +125,13 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
     if steps < 0 or embedding_steps < 0 or max_tokens < 1 or batch_tokens < 1:
         raise UserError("refit needs steps >= 0, embedding_steps >= 0, max_tokens >= 1 and batch_tokens >= 1")
     dense = dict(teacher.named_modules())
+    # only layers that compute the same function as the teacher's (a pruned or narrower sub-network's do not)
     linears = {n: m for n, m in student.named_modules()
-               if isinstance(m, FACTORIZED) and isinstance(dense.get(n), nn.Linear)}
+               if isinstance(m, FACTORIZED) and isinstance(dense.get(n), nn.Linear)
+               and (m.in_features, m.out_features) == (dense[n].in_features, dense[n].out_features)}
     embeddings = {n: m for n, m in student.named_modules()
-                  if isinstance(m, TTEmbedding) and isinstance(dense.get(n), nn.Embedding)}
+                  if isinstance(m, TTEmbedding) and isinstance(dense.get(n), nn.Embedding)
+                  and tuple(dense[n].weight.shape) == (m.num_embeddings, m.embedding_dim)}
     if not linears and not embeddings:
         return RefitReport({}, {}, 0)
     inputs, ids = _collect_inputs(teacher, list(linears), batches, max_tokens, seed)
