@@ -134,6 +134,10 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
                   and tuple(dense[n].weight.shape) == (m.num_embeddings, m.embedding_dim)}
     if not linears and not embeddings:
         return RefitReport({}, {}, 0)
+    for name, emb in embeddings.items():
+        if token_counts is not None and token_counts.numel() != emb.num_embeddings:
+            raise UserError(f"token_counts has {token_counts.numel()} entries; layer '{name}' has a vocabulary "
+                            f"of {emb.num_embeddings}")
     inputs, ids = _collect_inputs(teacher, list(linears), batches, max_tokens, seed)
     generator = torch.Generator().manual_seed(seed)
     before, after = {}, {}
@@ -148,9 +152,6 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
         if embedding_steps:
             for name, emb in embeddings.items():
                 counts = torch.bincount(ids, minlength=emb.num_embeddings) if token_counts is None else token_counts
-                if counts.numel() != emb.num_embeddings:
-                    raise UserError(f"token_counts has {counts.numel()} entries; layer '{name}' has a vocabulary "
-                                    f"of {emb.num_embeddings}")
                 used = counts.nonzero().squeeze(1)
                 target = dense[name].weight
                 before[name] = emb.fit_rows(target, used, counts[used].double(), steps=0)
