@@ -143,6 +143,8 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="Which runs.")
     p.add_argument("--model", default=None, help="Model (default: minilm-l6); a tiny one for a smoke test.")
     p.add_argument("--data", type=Path, default=None, help="Labelled data file instead of rotten-tomatoes.")
+    p.add_argument("--train-examples", type=int, default=None, help="Training examples used for distillation "
+                   "(default: preset; 0: all of them).")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {"teacher_epochs": 3, "threads": args.threads}
@@ -155,6 +157,8 @@ def main() -> None:
         overrides["data"] = args.data
     if args.minutes is not None:
         overrides["budget_minutes"] = args.minutes
+    if args.train_examples is not None:
+        overrides["distill_max_train_examples"] = args.train_examples or None
     results = {name: run_one(name, overrides, args.work, log=print) for name in args.runs}
     first = next(iter(results.values()))
     out = {"teacher": first["teacher"], "chosen": {n: r["chosen"] for n, r in results.items()},

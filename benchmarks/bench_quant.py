@@ -142,9 +142,9 @@ def main() -> None:
     p.add_argument("--minutes-w8", type=float, default=3.0, help="QAT time budget of qat_w8a8.")
     p.add_argument("--minutes-w4", type=float, default=6.0, help="QAT time budget of qat_w4a8.")
     p.add_argument("--minutes-tt", type=float, default=16.0, help="QAT time budget of qat_w4a8_tt.")
-    p.add_argument("--schedule-tt", default="two_stage", help="Distillation schedule of qat_w4a8_tt: its TT "
-                   "embedding starts far from the teacher's (TT-SVD error ~0.9 at rank 64), so matching the "
-                   "embedding output and hidden states first (two_stage) recovers more than logits alone.")
+    p.add_argument("--schedule-tt", default="two_stage", help="Distillation schedule of qat_w4a8_tt: matching "
+                   "the embedding output and hidden states first (two_stage) recovers more than logits alone "
+                   "(after the refit: 0.823 in 16 minutes against 0.808 for logits_kd in 20).")
     p.add_argument("--teacher-dir", default=None, help="A fine-tuned classifier directory to use instead of "
                    "get_teacher() (same task, splits and max length as the default teacher).")
     p.add_argument("--tt-rank", type=int, default=68, help="TT rank of the encoder linears (68: about 5x).")

@@ -380,8 +380,13 @@ class TTEmbedding(_TTBase):
             raise UserError("weights must be one non-negative number per id, not all zero")
         w = (w / (w * rows.pow(2).sum(1)).sum().clamp_min(1e-30)).unsqueeze(1)
 
+        # Many rows: materialise the whole table with the merged cores (a few large GEMMs) and index it; the
+        # per-row products of ``rows`` copy a core slice per id and are far slower at thousands of ids.
+        whole_table = ids.numel() * 8 >= self.num_embeddings
+
         def error() -> torch.Tensor:
-            return ((self.rows(ids) - rows).pow(2) * w).sum()
+            predicted = self.weight[ids] if whole_table else self.rows(ids)
+            return ((predicted - rows).pow(2) * w).sum()
 
         with torch.no_grad():
             start, before = [c.detach().clone() for c in self.cores], error().sqrt().item()
