@@ -38,7 +38,7 @@ json_values = st.recursive(
 )
 
 
-def loads_or_user_error(fn, *args, **kwargs):
+def loads_or_user_error(fn, /, *args, **kwargs):
     """Call the loader; a UserError is an accepted outcome, anything else fails the test."""
     try:
         return fn(*args, **kwargs)
