@@ -27,7 +27,7 @@ from scipy.stats import kendalltau
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, parser, write_results  # noqa: E402
 
-from fitformer.hardware.timing import measure_interleaved  # noqa: E402
+from fitformer.hardware.timing import measure_interleaved, random_token_inputs  # noqa: E402
 from fitformer.io import cache_root  # noqa: E402
 from fitformer.models import count_parameters  # noqa: E402
 from fitformer.models.elastic import ElasticBert, ElasticSpace, SubConfig, extract, subnet_macs  # noqa: E402
@@ -43,13 +43,6 @@ from fitformer.train.supernet import (  # noqa: E402
 )
 
 BATCH, SEQ = 32, 128
-
-
-def latency_inputs(vocab: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, (BATCH, SEQ), generator=g),
-            "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
-            "token_type_ids": torch.zeros(BATCH, SEQ, dtype=torch.long)}
 
 
 def measure_interleaved_pair(teacher: torch.nn.Module, small: torch.nn.Module, inputs: dict[str, torch.Tensor],
@@ -171,7 +164,7 @@ def main() -> None:
         "macs": subnet_macs(elastic.full, elastic.head_dim, SEQ),
     }
     print(f"teacher: test accuracy {teacher_acc:.4f}")
-    inputs = latency_inputs(vocab)
+    inputs = random_token_inputs(BATCH, SEQ, vocab)
 
     rng = random.Random(0)
     chosen = choose_subnets(elastic, 11, rng)

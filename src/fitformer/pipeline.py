@@ -315,7 +315,7 @@ class Pipeline:
         positions): median of wall-clock calls (robust to a busy neighbour), of ``session`` (onnxruntime) if
         given, else of ``model``."""
         from .export.onnx_quant import ort_logits
-        from .hardware.timing import measure
+        from .hardware.timing import measure, random_token_inputs
 
         c = self.config
         if c.threads:
@@ -324,9 +324,7 @@ class Pipeline:
         tokens = min(c.max_length, int(getattr(model.config, "max_position_embeddings", c.max_length)))
         out = {}
         for batch in (1, 32):
-            ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0))
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                      "token_type_ids": torch.zeros_like(ids)}
+            inputs = random_token_inputs(batch, tokens, vocab)
 
             def call(inputs=inputs):
                 if session is not None:

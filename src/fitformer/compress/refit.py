@@ -13,6 +13,7 @@ refit to the rows the calibration tokens use, weighted by how often they occur
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,9 +38,8 @@ class RefitReport:
     def summary(self) -> str:
         if not self.after:
             return "no factorized layer to refit"
-        mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
         return (f"refit {len(self.after)} layers on {self.tokens} tokens: mean relative output error "
-                f"{mean(self.before):.3f} -> {mean(self.after):.3f}")
+                f"{statistics.fmean(self.before.values()):.3f} -> {statistics.fmean(self.after.values()):.3f}")
 
 
 def _collect_inputs(teacher: nn.Module, names: list[str], batches: Iterable[dict[str, torch.Tensor]],

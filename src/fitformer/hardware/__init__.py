@@ -18,7 +18,7 @@ from .ops import (
     tt_linear_ops,
 )
 from .spec import DeviceSpec, get_device, load_catalog, load_spec
-from .timing import Timing, measure, measure_interleaved
+from .timing import Timing, measure, measure_interleaved, random_token_inputs
 
 __all__ = [
     "AnalyticCostModel",
@@ -43,6 +43,7 @@ __all__ = [
     "measure_module",
     "ops_from_config",
     "ops_from_module",
+    "random_token_inputs",
     "ops_from_plan",
     "register_plan_cost",
     "tt_linear_ops",

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import UserError
 from ..io import cache_root, read_json, sha256_json, write_json_atomic
 from .calibrate import host_key
-from .timing import measure
+from .timing import measure, random_token_inputs
 
 BACKENDS = ("eager", "onnxruntime")
 
@@ -69,9 +69,7 @@ def default_layers(model: nn.Module) -> list[str]:
 
 def _inputs(model: nn.Module, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, (batch, seq_len), generator=g),
-            "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+    return random_token_inputs(batch, seq_len, vocab, token_type_ids=False)
 
 
 def _eager_layers(model: nn.Module, inputs: dict[str, torch.Tensor], names: list[str], repeats: int,

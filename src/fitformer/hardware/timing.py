@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import torch
+
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -83,3 +85,14 @@ def measure_interleaved(
             t = measure(fn, warmup=2 if r == 0 else 0, repeats=repeats, max_seconds=max_seconds)
             chunks[i].append(t.median_ms)
     return [statistics.median(c) for c in chunks]
+
+
+def random_token_inputs(batch: int, seq_len: int, vocab: int, seed: int = 0,
+                        token_type_ids: bool = True) -> dict[str, torch.Tensor]:
+    """Seeded random token ids with a full attention mask: the inputs every latency measurement times
+    (the cost of a forward pass does not depend on which ids it sees, only on their shape)."""
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if token_type_ids:
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs
