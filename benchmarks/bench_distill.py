@@ -87,7 +87,7 @@ def teacher_from_dir(model_dir: str) -> Teacher:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=None, help="Budget per schedule (default 7, quick 0.75).")
+    p.add_argument("--minutes", type=float, default=None, help="Budget per schedule (default 12, quick 0.75).")
     p.add_argument("--ratio", type=float, default=10.0, help="Minimum encoder compression of the student.")
     p.add_argument("--refit-steps", type=int, default=200, help="Steps of the data-aware refit of every TT layer "
                    "to the teacher's outputs before distillation (0: TT-SVD start only).")
@@ -96,7 +96,7 @@ def main() -> None:
                    "get_teacher() (same task, splits and max length as the default teacher).")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    minutes = args.minutes or (0.75 if args.quick else 7.0)
+    minutes = args.minutes or (0.75 if args.quick else 12.0)
     teacher = get_teacher() if args.teacher_dir is None else teacher_from_dir(args.teacher_dir)
     teacher_accuracy = teacher.evaluate("test").accuracy
     student0, info = build_student(teacher.model, args.ratio)
@@ -158,7 +158,8 @@ Student: all {info['tt_layers']} encoder linear layers of the fine-tuned MiniLM-
 counted, left dense). Teacher ({args.teacher_dir or "the cached teacher"}) test accuracy
 {teacher_accuracy:.3f}; the student from TT-SVD {svd_accuracy:.3f}{refit_text}, before training
 {untrained:.3f}. Each schedule: {minutes:g} minutes on the same
-data, {threads} threads; early stopping on {len(data.validation)} validation rows; best-validation weights scored
+data (batches grouped by length, `group_by_length={DistillConfig().group_by_length}`), {threads} threads; early
+stopping on {len(data.validation)} validation rows; best-validation weights scored
 on the test split.
 
 {table}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +104,13 @@ def qat_row(method: str, base: nn.Module, spec: Any, teacher, test, calib, input
     student = quantize(base, spec)
     calibrate(student, calib)
     ptq = evaluate(student, test, teacher.label_names).accuracy
-    weights = sha256_file(dense_file_of(teacher) / "model.safetensors")
-    key = sha256_json([method, weights, steps, minutes, lr, repr(spec), quick, schedule]
-                      + ([] if key_extra is None else [key_extra]))[:12]
     config = DistillConfig(schedule=schedule, max_steps=steps, budget_minutes=minutes, learning_rate=lr,
                            warmup_ratio=0.1,
                            eval_every_steps=steps, checkpoint_every_steps=max(50, steps // 4), batch_size=32)
+    weights = sha256_file(dense_file_of(teacher) / "model.safetensors")
+    # every distillation setting (defaults included) is in the key: a changed default retrains, never reuses
+    key = sha256_json([method, weights, repr(spec), quick, asdict(config)]
+                      + ([] if key_extra is None else [key_extra]))[:12]
     result = distill(student, teacher.model, DistillData.from_teacher(teacher), config, work / f"{method}-{key}",
                      progress=False)
     frozen = freeze(student)
@@ -212,7 +214,7 @@ def main() -> None:
     row = qat_row("qat_w4a8_tt", tt_model, {**head, "TTLinear": QuantPlan(4, 8), "TTEmbedding": QuantPlan(4, 8),
                                              "Embedding": QuantPlan(4, None)},
                   teacher, test, calib, inputs, args.steps_tt, args.minutes_tt, 1e-4, work, threads, quick,
-                  args.schedule_tt, key_extra=args.tt_refit_steps)
+                  args.schedule_tt, key_extra=[args.tt_refit_steps, plan.to_dict()])
     row["tt"] = {"linear_rank": args.tt_rank, "embedding_rank": args.tt_embedding_rank,
                  "embedding_reconstruction_error": tt_model.bert.embeddings.word_embeddings.reconstruction_error,
                  "refit": refit}

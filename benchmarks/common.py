@@ -21,7 +21,7 @@ from fitformer.io import write_json_atomic, write_text_atomic
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 # Order of sections in BENCHMARKS.md; fragments not listed come after, alphabetically.
-ORDER = ["teacher", "tt", "quant", "prune", "cost_model", "supernet", "distill", "search", "compress"]
+ORDER = ["teacher", "tt", "quant", "prune", "cost_model", "supernet", "distill", "batching", "search", "compress"]
 
 
 def parser(description: str) -> argparse.ArgumentParser:

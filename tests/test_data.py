@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
+import torch
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fitformer.data import TextDataset, encode, load_table, split_dataset
+from fitformer.data import EncodedDataset, TextDataset, encode, load_table, split_dataset
 from fitformer.errors import UserError
 from fitformer.models import load_tokenizer
 
@@ -113,3 +114,41 @@ def test_encode_is_cached_and_batches_trim_padding(tiny_model_dir, sentiment_dat
     batch = next(first.batches(8))
     assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
     assert len(list(first.batches(8, skip=2))) == first.num_batches(8) - 2
+
+
+def _rows_with_lengths(lengths: list[int]) -> EncodedDataset:
+    width = max(lengths)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+    return EncodedDataset(mask.clone(), mask, torch.zeros_like(mask), torch.zeros(len(lengths), dtype=torch.long))
+
+
+def _padded_tokens(data: EncodedDataset, order: torch.Tensor, batch_size: int) -> int:
+    lengths = data.attention_mask.sum(dim=1)
+    return sum(int(lengths[b].max()) * len(b) for b in order.split(batch_size))
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=120), batch_size=st.integers(1, 16),
+       group=st.integers(0, 6), seed=st.integers(0, 1000))
+@example(lengths=[1, 1, 1, 1, 2], batch_size=2, group=3, seed=297)  # the long row alone in the partial batch
+def test_epoch_order_is_a_permutation_that_pads_no_more_than_random_batches(lengths, batch_size, group, seed):
+    data = _rows_with_lengths(lengths)
+    order = data.epoch_order(batch_size, torch.Generator().manual_seed(seed), group)
+    random = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))
+    assert sorted(order.tolist()) == list(range(len(lengths)))
+    if group == 0:  # exactly the plain shuffled order, so runs without grouping are unchanged
+        assert order.tolist() == random.tolist()
+    # each chunk of `group` full batches holds the same rows as in the random order, sorted by length, and the
+    # partial batch is the random order's own: never more padding than random batches
+    assert _padded_tokens(data, order, batch_size) <= _padded_tokens(data, random, batch_size)
+    full = len(lengths) // batch_size * batch_size
+    if group and len(lengths) > batch_size:
+        assert order[full:].tolist() == random[full:].tolist()
+
+
+def test_grouped_batches_pad_far_less_when_lengths_spread():
+    """Lengths from 1 to 60 tokens: random batches of 32 pad to near the longest row, grouped ones do not."""
+    data = _rows_with_lengths([1 + (7 * i) % 60 for i in range(3200)])
+    random = _padded_tokens(data, data.epoch_order(32, torch.Generator().manual_seed(0)), 32)
+    grouped = _padded_tokens(data, data.epoch_order(32, torch.Generator().manual_seed(0), 50), 32)
+    assert grouped < 0.6 * random

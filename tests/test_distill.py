@@ -258,6 +258,16 @@ def test_resume_continues_at_the_same_step_with_the_same_data_order(setup, tmp_p
     with pytest.raises(UserError, match="other settings"):
         distill(copy.deepcopy(fresh), teacher, data, DistillConfig(schedule="two_stage", max_steps=9),
                 tmp_path / "resumed")
+    # a student of other layer shapes is refused before any weight is copied into it, finished run or not
+    with pytest.raises(Crash):
+        distill(copy.deepcopy(fresh), teacher, data, config, tmp_path / "crashed", hook=crash_at_5)
+    wider = small_student(teacher, layers=2, width=48, heads=4)
+    untouched = copy.deepcopy(wider.state_dict())
+    for run in ("resumed", "crashed"):
+        with pytest.raises(UserError, match="other layer shapes"):
+            distill(wider, teacher, data, config, tmp_path / run)
+    for name, value in wider.state_dict().items():
+        torch.testing.assert_close(value, untouched[name], msg=name)
 
 
 def test_time_budget_is_split_across_stages(setup, tmp_path):
@@ -293,7 +303,8 @@ def test_a_gradual_pruning_schedule_runs_inside_distillation(setup, tmp_path):
     distill(student, teacher, data, config, tmp_path / "run",
             hook=lambda model, step, progress: (pruner.observe(), pruner.update(step)))
     plan = pruner.gates.plan()
-    assert [len(h) for h in plan.keep_heads] == [2, 2]  # half of the 4 heads per layer are gone
+    kept_heads = [len(h) for h in plan.keep_heads]  # heads are ranked across layers, at least one kept per layer
+    assert sum(kept_heads) == 4 and min(kept_heads) >= 1  # half of the 2 x 4 heads are gone
     assert [len(f) for f in plan.keep_neurons] == [32, 32]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -14,6 +16,7 @@ from fitformer.compress.tt import TTEmbeddingPlan, TTPlan
 from fitformer.errors import UserError
 from fitformer.export.onnx_quant import compare_with_torch, export_quantized_onnx, ort_session
 from fitformer.export.quantized import load_quantized, save_quantized
+from fitformer.layers.planner import Planner, unfused_chain
 from fitformer.layers.quant import CORE_AXIS, QuantTTEmbedding, QuantTTLinear
 from fitformer.layers.tt import TTEmbedding, TTLinear
 from fitformer.models.tiny import tiny_bert_config
@@ -78,6 +81,26 @@ def test_intermediates_pass_through_the_quantizer(tt_classifier):
     for out in seen:
         codes = out / q8.scale + torch.round(q8.zero_point)
         assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+def test_quantized_tt_linear_quantizes_the_same_intermediates_at_every_token_count(tt_classifier):
+    """The planner's execution changes with the token count and with training (fusing cores, or rebuilding
+    the weight); a quantized layer's must not, or its learned intermediate scale meets other tensors in
+    evaluation and in the ONNX export than in training."""
+    plain = copy.deepcopy(tt_classifier.bert.encoder.layer[0].intermediate.dense)
+    plain.planner = Planner(measure=False)  # the cost model alone: no timing in a test
+    layer = _ready(tt_classifier).bert.encoder.layer[0].intermediate.dense
+    counts = [(tokens, training) for tokens in (1, 64, 4096) for training in (False, True)]
+    assert len({plain.plan(t, tr) for t, tr in counts}) > 1  # what the pinning guards against
+    assert {layer.plan(t, tr) for t, tr in counts} == {unfused_chain(layer.spec)}
+    assert all(len(group) == 1 for group in unfused_chain(layer.spec).groups)
+    # so each row's output does not depend on how many rows share the call
+    wide = copy.deepcopy(layer).double()
+    x = torch.randn(4096, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        together = wide(x)[:8]
+        alone = torch.cat([wide(x[i : i + 1]) for i in range(8)])
+    torch.testing.assert_close(together, alone)
 
 
 def test_tt_gradients_reach_cores_and_scales(tt_classifier):

@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(DistillConfig.temperature, help="Soft-target temperature."),
         hidden_loss: str = typer.Option(DistillConfig.hidden_loss, help="Hidden-state loss: mse or cosine."),
         word_dropout: float = typer.Option(DistillConfig.word_dropout, help="Augmentation: token drop rate."),
+        group_by_length: int = typer.Option(DistillConfig.group_by_length, help="Sort each chunk of this many "
+                                            "batches by length, so batches pad less (0: random batches)."),
         patience: int = typer.Option(DistillConfig.patience, help="Early stopping after this many evaluations "
                                      "without improvement (0: off)."),
         seed: int = typer.Option(0, help="Seed of the data order."),
@@ -57,7 +59,8 @@ def register(app: typer.Typer) -> None:
         """
         config = DistillConfig(schedule=schedule, budget_minutes=budget_minutes, max_steps=max_steps, epochs=epochs,
                                learning_rate=lr, batch_size=batch_size, temperature=temperature,
-                               hidden_loss=hidden_loss, word_dropout=word_dropout, patience=patience, seed=seed)
+                               hidden_loss=hidden_loss, word_dropout=word_dropout, group_by_length=group_by_length,
+                               patience=patience, seed=seed)
         config.validate()
         compression = read_plan(plan)
         teacher = get_teacher(model, data=load_dataset(task, data, text_col, label_col))

@@ -43,8 +43,8 @@ __all__ = [
     "measure_module",
     "ops_from_config",
     "ops_from_module",
-    "random_token_inputs",
     "ops_from_plan",
+    "random_token_inputs",
     "register_plan_cost",
     "tt_linear_ops",
 ]

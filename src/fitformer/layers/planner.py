@@ -328,6 +328,18 @@ class RooflineCost:
 # --------------------------------------------------------------------------------------------- planning
 
 
+@functools.lru_cache(maxsize=1024)
+def unfused_chain(spec: TTSpec) -> Execution:
+    """The chain through every core in turn (no fused cores), in the direction with fewer FLOPs.
+
+    Why: its intermediates are the activation states between cores and nothing else, whatever the token
+    count, so a quantizer on them sees the same tensors in training, at inference and in an ONNX export."""
+    groups = tuple((k,) for k in range(len(spec.in_modes)))
+    flops = {dr: sum(op["flops"] for op in chain_ops(spec.in_modes, spec.out_modes, spec.ranks, 1, dr))
+             for dr in ("rtl", "ltr")}
+    return Execution("chain", groups=groups, direction=min(flops, key=flops.__getitem__))
+
+
 def token_bucket(tokens: int) -> int:
     """Token counts share a plan within a power-of-two bucket (16, 32, ..., rounded up)."""
     return max(16, 1 << max(0, int(tokens) - 1).bit_length())

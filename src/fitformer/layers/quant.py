@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .planner import Execution, unfused_chain
 from .tt import TTEmbedding, TTLinear
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -427,6 +428,15 @@ class QuantTTLinear(_QuantTT, TTLinear):
     """``TTLinear`` with quantized cores, intermediates and input."""
 
     quantizes_input = True
+
+    def plan(self, tokens: int, training: bool = False, dtype: torch.dtype | None = None) -> Execution:
+        """With quantized intermediates, always the unfused chain: the planner's choice changes with the
+        token count, with training and with timing, and a fused core or a rebuilt weight is no activation
+        that the learned 8-bit intermediate scale fits. Pinned, training, evaluation and the ONNX export
+        quantize the same tensors."""
+        if self.intermediate_quant is None:
+            return super().plan(tokens, training, dtype)
+        return unfused_chain(self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:

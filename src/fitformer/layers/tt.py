@@ -210,7 +210,7 @@ class TTLinear(_TTBase):
         training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         tokens = x2.shape[0] if not is_tracing() else 128
         spec = self.spec
-        exe = self._planner().plan(spec, tokens, x.dtype, training)
+        exe = self.plan(tokens, training, x.dtype)
         operands = prepare(exe, spec, cores, self._hook())
         if key is not None:
             self._cache = (key, exe, operands, spec)

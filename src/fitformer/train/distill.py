@@ -39,7 +39,7 @@ from ..io import atomic_path, read_json, sha256_json, write_json_atomic
 from ..progress import console, make_progress
 from ..utils import seed_everything
 from .evaluate import evaluate
-from .finetune import load_checkpoint, nonfinite_origin, save_checkpoint
+from .finetune import load_checkpoint, nonfinite_origin, require_same_model, save_checkpoint
 from .losses import HIDDEN_LOSSES, LayerMap, LossWeights, Outputs, intermediate_loss, prediction_loss
 
 SCHEDULES = ("finetune_only", "logits_kd", "two_stage", "progressive")
@@ -57,7 +57,7 @@ class DistillConfig:
     ``budget_minutes``; each stage gets its share of both and ends at whichever comes first.
     """
 
-    schedule: str = "progressive"
+    schedule: str = "two_stage"  # the best measured (benchmarks/bench_distill.py, bench_quant.py's TT row)
     budget_minutes: float | None = None
     max_steps: int | None = None
     epochs: float = 3.0
@@ -75,6 +75,7 @@ class DistillConfig:
     task_weight: float = 1.0
     hidden_loss: str = "mse"
     word_dropout: float = 0.0
+    group_by_length: int = 50  # sort each chunk of this many batches by length; 0: random batches
     eval_every_steps: int = 100
     patience: int = 0
     checkpoint_every_steps: int = 100
@@ -101,6 +102,9 @@ class DistillConfig:
             raise UserError(f"warm-up ratio {self.warmup_ratio}: must be in [0, 1)")
         if not 0 <= self.word_dropout < 0.5:
             raise UserError(f"word dropout {self.word_dropout}: must be in [0, 0.5)")
+        if self.group_by_length < 0:
+            raise UserError(f"group_by_length {self.group_by_length}: must be 0 (random batches) or a number of "
+                            "batches to sort by length, e.g. 50")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise UserError(f"hidden loss '{self.hidden_loss}': use one of {', '.join(HIDDEN_LOSSES)}")
         if self.eval_every_steps < 1 or self.checkpoint_every_steps < 1:
@@ -284,13 +288,14 @@ class _LogitCache:
         self.filled[index] = True
 
 
-def _stream(data: EncodedDataset, batch_size: int, seed: int, state: dict[str, Any]
+def _stream(data: EncodedDataset, batch_size: int, seed: int, state: dict[str, Any], group_by_length: int = 0
             ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Endless seeded batches (row indices and batch); epoch ``e`` is ``randperm`` seeded by ``seed, e``.
+    """Endless seeded batches (row indices and batch); epoch ``e``'s order is seeded by ``seed, e``.
     ``state['epoch']`` and ``state['step_in_epoch']`` say where it stands, so a resumed run sees the same
     batches in the same order."""
     while True:
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + state["epoch"]))
+        generator = torch.Generator().manual_seed(seed * 1000 + state["epoch"])
+        order = data.epoch_order(batch_size, generator, group_by_length)
         batches = math.ceil(len(data) / batch_size)
         while state["step_in_epoch"] < batches:
             start = state["step_in_epoch"] * batch_size
@@ -368,6 +373,7 @@ def distill(
         result = DistillResult(**read_json(done))
         if read_json(out / "best" / "fitformer.json").get("run_id") != run_id:
             raise UserError(f"{out} holds a finished run with other settings; pass a new output directory")
+        require_same_model(out / "best" / "model.safetensors", student, f"{out} holds a finished run")
         try:
             student.load_state_dict(load_file(str(out / "best" / "model.safetensors")))
             return result
@@ -398,7 +404,7 @@ def distill(
         console.print(f"resuming distillation at stage {state['stage'] + 1}/{len(stages)}, "
                       f"step {state['global_step']}")
     cache = _LogitCache(len(data.train))
-    batches = _stream(data.train, config.batch_size, config.seed, state)
+    batches = _stream(data.train, config.batch_size, config.seed, state, config.group_by_length)
     meta = {"run_id": run_id, "schedule": config.schedule, "distill": asdict(config)}
 
     def checkpoint() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import get_linear_schedule_with_warmup
 
@@ -109,8 +109,23 @@ def save_checkpoint(out: Path, model: torch.nn.Module, optimizer, scheduler, sta
     write_json_atomic(last / "state.json", state)
 
 
+def require_same_model(path: Path, module: torch.nn.Module, what: str) -> None:
+    """Refuse weights saved from a model of another structure (say, other TT ranks) before loading them:
+    ``load_state_dict`` would copy the matching tensors first and then fail half-way. A missing or damaged
+    file is left to the loader, which starts over."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except (FileNotFoundError, SafetensorError, OSError):
+        return
+    if saved != {k: list(v.shape) for k, v in module.state_dict().items()}:
+        raise UserError(f"{what} of a model with other layer shapes; pass a new output directory")
+
+
 def load_checkpoint(out: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any] | None:
-    """Restore the resumable checkpoint if it is complete and consistent; otherwise start over."""
+    """Restore the resumable checkpoint if it is complete and consistent; otherwise start over. A checkpoint
+    of a model with other layer shapes is a user error, raised before any weight is copied."""
+    require_same_model(out / "last" / "model.safetensors", model, f"{out} holds an unfinished run")
     last = out / "last"
     try:
         state = read_json(last / "state.json")

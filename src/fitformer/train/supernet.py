@@ -109,7 +109,7 @@ def teacher_logits(teacher: torch.nn.Module, data: EncodedDataset, cache: Path |
 def kd_batches(data: EncodedDataset, logits: torch.Tensor, batch_size: int, seed: int, epoch: int,
                skip: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Shuffled batches (order fixed by seed and epoch) with the teacher's logits for their rows."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    order = data.epoch_order(batch_size, torch.Generator().manual_seed(seed * 1000 + epoch))
     for start in range(skip * batch_size, len(data), batch_size):
         idx = order[start : start + batch_size]
         yield data.batch(idx), logits[idx]
