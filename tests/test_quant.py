@@ -141,6 +141,8 @@ def test_bad_bits_and_shapes_are_user_errors():
         QuantPlan(act_bits=12).validate()
     with pytest.raises(UserError, match="channel axis"):
         LSQQuantizer(8, per_channel=True, shape=(16,))
+    with pytest.raises(UserError, match="channel axis 3"):
+        LSQQuantizer(8, per_channel=True, channel_axis=3, shape=(4, 4))
 
 
 # --- quantize / freeze ----------------------------------------------------------------------------------

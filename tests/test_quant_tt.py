@@ -1,4 +1,4 @@
-"""Quantized TT layers: 4-bit cores per core slice, 8-bit intermediates, freezing, packed files, ONNX."""
+"""Quantized TT layers: 4-bit cores per bond channel, 8-bit intermediates, freezing, packed files, ONNX."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fitformer.errors import UserError
 from fitformer.export.onnx_quant import compare_with_torch, export_quantized_onnx, ort_session
 from fitformer.export.quantized import load_quantized, save_quantized
 from fitformer.layers.planner import Planner, unfused_chain
-from fitformer.layers.quant import CORE_AXIS, QuantTTEmbedding, QuantTTLinear
+from fitformer.layers.quant import QuantTTEmbedding, QuantTTLinear, core_channel_axis
 from fitformer.layers.tt import TTEmbedding, TTLinear
 from fitformer.models.tiny import tiny_bert_config
 
@@ -55,9 +55,14 @@ def test_tt_layers_get_quantized_cores_and_intermediates(tt_classifier):
     emb = q.bert.embeddings.word_embeddings
     assert isinstance(layer, QuantTTLinear) and isinstance(layer, TTLinear)
     assert isinstance(emb, QuantTTEmbedding) and isinstance(emb, TTEmbedding)
-    for core, quantizer in zip(layer.cores, layer.core_quant, strict=True):
-        assert quantizer.bits == 4 and quantizer.scale.shape[CORE_AXIS] == core.shape[CORE_AXIS]
-        assert quantizer.scale.numel() == core.shape[CORE_AXIS]  # one step size per core slice
+    for tt in (layer, emb):
+        d = len(tt.cores)
+        for k, (core, quantizer) in enumerate(zip(tt.cores, tt.core_quant, strict=True)):
+            axis = core_channel_axis(k, d)
+            assert axis == (3 if k < d - 1 else 0) and core.shape[axis] > 1  # a bond, never one of size 1
+            # one step size per bond channel of the core, shared along the other three axes
+            assert quantizer.bits == 4
+            assert quantizer.scale.shape == tuple(n if a == axis else 1 for a, n in enumerate(core.shape))
     assert layer.intermediate_quant.bits == 8 and layer.input_quant is not None
     assert emb.input_quant is None and emb.intermediate_quant.bits == 8
     # the cores forward uses are on their 4-bit grids

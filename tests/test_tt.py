@@ -18,6 +18,7 @@ from fitformer.layers import (
     TTEmbedding,
     TTLinear,
     bond_ranks,
+    choose_tensorization,
     enumerate_shapes,
     full_ranks,
     tt_flops,
@@ -25,7 +26,7 @@ from fitformer.layers import (
     tt_svd,
 )
 from fitformer.layers.planner import TTSpec, execution_ops, prepare, run
-from fitformer.layers.tensorize import chain_ops
+from fitformer.layers.tensorize import TTShape, batched_result_bytes, chain_ops
 
 MODEL_PLANNER = Planner(measure=False)
 
@@ -121,6 +122,22 @@ def test_closed_form_flops_and_enumeration():
     assert {len(s.in_modes) for s in shapes} == {2, 3}
     for op in chain_ops(in_modes, out_modes, ranks, t):
         assert op["flops"] == 2 * op["batch"] * op["m"] * op["n"] * op["k"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(in_f=st.sampled_from([12, 24, 48, 96]), out_f=st.sampled_from([16, 32, 64, 192]), rank=st.integers(1, 12),
+       tokens=st.sampled_from([1, 16, 128]))
+def test_a_mirrored_shape_costs_the_same_and_the_choice_writes_least_in_batched_steps(in_f, out_f, rank, tokens):
+    """Reversing both mode orders keeps FLOPs, bytes and parameters (the chain runs the other way); among
+    such ties choose_tensorization takes the shape whose batched chain steps write the fewest bytes."""
+    for shape in enumerate_shapes(in_f, out_f, rank, num_cores=(3,), tokens=tokens)[:6]:
+        mirror = TTShape.build(shape.in_modes[::-1], shape.out_modes[::-1], rank, tokens)
+        assert (mirror.flops, mirror.bytes, mirror.params) == (shape.flops, shape.bytes, shape.params)
+    chosen = choose_tensorization(in_f, out_f, rank, num_cores=(3,), tokens=tokens)
+    ties = [s for s in enumerate_shapes(in_f, out_f, rank, num_cores=(3,), tokens=tokens) if s.flops == chosen.flops]
+    assert chosen.batched_bytes == min(s.batched_bytes for s in ties)
+    assert chosen.batched_bytes == batched_result_bytes(chosen.in_modes, chosen.out_modes, chosen.ranks, tokens,
+                                                        chosen.direction)
 
 
 def test_tt_svd_truncation_by_rank_and_error():
