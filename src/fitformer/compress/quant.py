@@ -41,9 +41,10 @@ class QuantPlan(LayerPlan):
     """Quantize a layer's weights to ``weight_bits`` and its inputs to ``act_bits`` (``None``: weight-only).
 
     ``per_channel`` gives each output row (linear), table row (embedding) or bond channel of a core
-    (TT, :func:`~fitformer.layers.quant.core_channel_axis`) its own step size; ``symmetric`` chooses signed weights with zero point 0; activations are asymmetric (unsigned, with
-    a learned zero point) unless ``act_symmetric``. TT layers also quantize every intermediate result of
-    their contraction to ``act_bits``.
+    (TT, :func:`~fitformer.layers.quant.core_channel_axis`) its own step size; ``symmetric`` chooses signed
+    weights with zero point 0; activations are asymmetric (unsigned, with a learned zero point) unless
+    ``act_symmetric``. TT layers also quantize every intermediate result of their contraction to
+    ``act_bits``.
     """
 
     kind: ClassVar[str] = "quant"
