@@ -30,6 +30,7 @@ import functools
 import itertools
 import math
 import os
+import statistics
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -496,8 +497,11 @@ class Planner:
              training: bool) -> dict[str, float]:
         """Milliseconds of each execution on random data of this shape (forward + backward when training).
 
-        The executions are timed in interleaved rounds and each keeps its fastest time, so a burst of load
-        from other processes cannot favour one of them.
+        The executions are timed in interleaved rounds, so a burst of load from other processes cannot
+        favour one of them, and each keeps the median of its round medians: the fastest time flatters an
+        execution that allocates large intermediates, whose calls are fast only when the allocator hands
+        back memory that is already mapped (in ``bench_tt.py`` on a 2-core VM the fastest time chose a chain
+        that ran 1.55x slower than the dense GEMM it replaced).
         """
         gen = torch.Generator().manual_seed(0)
         cores = [torch.randn(spec.ranks[k], i, o, spec.ranks[k + 1], generator=gen, dtype=dtype) / math.sqrt(i)
@@ -520,12 +524,12 @@ class Planner:
                     with torch.no_grad():
                         run(exe, x, prepared, spec, steps=steps)
             fns[exe.describe()] = fn
-        best = dict.fromkeys(fns, float("inf"))
+        rounds: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(self.rounds):
             for name, fn in fns.items():
-                t = time_fn(fn, warmup=1 if r == 0 else 0, repeats=2, max_seconds=self.max_seconds).min_ms
-                best[name] = min(best[name], t)
-        return best
+                rounds[name].append(time_fn(fn, warmup=1 if r == 0 else 0, repeats=3,
+                                            max_seconds=self.max_seconds).median_ms)
+        return {name: statistics.median(times) for name, times in rounds.items()}
 
 
 _DEFAULT: Planner | None = None
