@@ -8,7 +8,7 @@ Rows (one run, side by side, ``torch.set_num_threads`` and onnxruntime on the sa
 - ``qat_w8a8`` / ``qat_w4a8`` — LSQ QAT (logits KD + CE from the teacher), frozen, saved packed; run in
   onnxruntime with integer MatMuls (both ONNX forms are timed, the faster is reported).
 - ``qat_w4a8_tt`` — TT layers (TT-SVD of every encoder linear and of the word embedding) with 4-bit cores
-  (a step size per (mode, bond) slice) and 8-bit intermediates, 8-bit position and token-type tables,
+  (a step size per bond channel) and 8-bit intermediates, 8-bit position and token-type tables,
   then QAT with the two-stage distillation (hidden states, then logits).
 
 Sizes are files on disk; accuracy is on the test split (of the onnxruntime model for our rows); latency

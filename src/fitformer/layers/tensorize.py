@@ -199,8 +199,11 @@ def batched_result_bytes(in_modes: Sequence[int], out_modes: Sequence[int], rank
     reversed) have the same FLOPs, bytes and parameters, but only one of them leaves its largest result,
     the layer output of a lopsided shape, to a plain GEMM: 2x2x192-768x2x2 writes its 3072-wide output
     in a batched step, 192x2x2-2x2x768 in a plain one, and runs several times faster at 2,048 tokens."""
-    return sum(int(op["batch"] * op["m"] * op["n"]) * itemsize
-               for op in chain_ops(in_modes, out_modes, ranks, tokens, direction, itemsize) if op["kind"] == "bmm")
+    return _batched_bytes(chain_ops(in_modes, out_modes, ranks, tokens, direction, itemsize), itemsize)
+
+
+def _batched_bytes(ops: list[Op], itemsize: int) -> int:
+    return sum(int(op["batch"] * op["m"] * op["n"]) * itemsize for op in ops if op["kind"] == "bmm")
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,7 @@ class TTShape:
     bytes: int
     direction: str
     tokens: int
-    batched_bytes: int = 0  # written by batched chain steps (see batched_result_bytes): the layout tie-break
+    batched_bytes: int  # written by batched chain steps (see batched_result_bytes): the layout tie-break
 
     @property
     def num_cores(self) -> int:
@@ -225,11 +228,11 @@ class TTShape:
     def build(cls, in_modes: Sequence[int], out_modes: Sequence[int], rank: int | Sequence[int],
               tokens: int = 1, itemsize: int = 4) -> TTShape:
         ranks = bond_ranks(in_modes, out_modes, rank)
-        best = min(("rtl", "ltr"), key=lambda dr: tt_flops(in_modes, out_modes, ranks, tokens, dr))
-        return cls(tuple(in_modes), tuple(out_modes), ranks, tt_params(in_modes, out_modes, ranks),
-                   tt_flops(in_modes, out_modes, ranks, tokens, best),
-                   tt_bytes(in_modes, out_modes, ranks, tokens, best, itemsize), best, tokens,
-                   batched_result_bytes(in_modes, out_modes, ranks, tokens, best, itemsize))
+        ops = {dr: chain_ops(in_modes, out_modes, ranks, tokens, dr, itemsize) for dr in ("rtl", "ltr")}
+        flops = {dr: sum(int(op["flops"]) for op in o) for dr, o in ops.items()}
+        best = min(("rtl", "ltr"), key=flops.__getitem__)
+        return cls(tuple(in_modes), tuple(out_modes), ranks, tt_params(in_modes, out_modes, ranks), flops[best],
+                   sum(int(op["bytes"]) for op in ops[best]), best, tokens, _batched_bytes(ops[best], itemsize))
 
 
 def _mode_tuples(n: int, d: int, max_pad: float, min_factor: int) -> Iterator[tuple[int, ...]]:
