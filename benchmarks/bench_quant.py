@@ -286,7 +286,7 @@ the onnxruntime model. Accuracy drop is in points against `dense_fp32`; speed-up
 
 {table}
 
-Batch-32 latency of the two ONNX forms (integer = QuantizeLinear + MatMulInteger, qdq = Q/DQ around float
+Batch-32 latency of the two ONNX forms (integer = QuantizeLinear + MatMulIntegerToFloat, qdq = Q/DQ around float
 MatMul): {formats}.
 
 Targets: {met}.

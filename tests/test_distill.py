@@ -15,8 +15,9 @@ from fitformer.data import encode, split_dataset
 from fitformer.errors import UserError
 from fitformer.io import read_json
 from fitformer.models import load_classifier, tiny_bert_config
+from fitformer.models.hf import eager_attention
 from fitformer.train import DistillConfig, DistillData, LayerMap, LossWeights, build_stages, distill
-from fitformer.train.distill import eager_attention, forward_outputs, truncated, word_dropout
+from fitformer.train.distill import forward_outputs, truncated, word_dropout
 from fitformer.train.losses import (
     attention_kl,
     hidden_cosine,

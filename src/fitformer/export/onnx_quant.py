@@ -3,15 +3,21 @@
 The frozen model is first exported in float (every quantized weight replaced by its dequantized value);
 the graph is then rewritten so each quantized layer runs on its integer codes with the learned step sizes:
 
-- ``fmt="integer"``: ``QuantizeLinear(x) -> MatMulInteger(x_q, W_q) -> Cast -> Mul(s_x * s_w)`` (+ bias).
-  onnxruntime fuses this into ``MatMulIntegerToFloat``, a u8 x s8 GEMM (VNNI where the CPU has it).
+- ``fmt="integer"``: ``QuantizeLinear(x) -> MatMulIntegerToFloat(x_q, W_q, s_x, s_w, zero points, bias)``,
+  onnxruntime's fused u8 x s8 GEMM (VNNI/AMX where the CPU has it) that scales and adds the bias in its
+  epilogue. It is a ``com.microsoft`` operator: the graph runs on onnxruntime (its optimiser does not fuse
+  ``MatMulInteger -> Cast -> Mul`` with constant scales itself, and the unfused form spends as long in the
+  ``Cast`` and ``Mul`` passes over the output as in the GEMM); ``fmt="qdq"`` is the portable form.
 - ``fmt="qdq"``: ``QuantizeLinear -> DequantizeLinear`` on the input and ``DequantizeLinear`` on the int8
-  weight around a float ``MatMul`` — the QDQ form that onnxruntime's graph optimiser may turn into
+  weight around a float ``MatMul`` — standard ONNX, which onnxruntime's graph optimiser may turn into
   integer kernels itself.
 - embeddings gather int8 rows and dequantize only those rows.
 
 Quantized layers are found in the float graph by the exact bytes of their dequantized weight (as it is or
 transposed), so the rewrite does not depend on the exporter's names.
+
+The float graph is exported with eager attention (one additive mask for all layers; ``sdpa`` exports a
+boolean-to-additive ``Where`` per layer and a NaN guard after every softmax, a fifth of the int8 graph's time).
 
 Tolerance: the integer path computes ``(sum q_x q_w) * (s_x s_w)`` while PyTorch computes
 ``sum (q_x s_x)(q_w s_w)`` in float, so logits differ by float rounding, and an activation that lands on
@@ -38,10 +44,12 @@ from ..data.tokenize import EncodedDataset
 from ..errors import UserError
 from ..io import atomic_path
 from ..layers.quant import QuantEmbedding, QuantLinear, QuantModule, _QuantTT
+from ..models.hf import eager_attention
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
 FORMATS = ("integer", "qdq")
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 
 
 class _Logits(nn.Module):
@@ -66,7 +74,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], seq_len: int = 1
     was_training = model.training
     model.eval()
     try:
-        with atomic_path(path) as tmp, warnings.catch_warnings():
+        with atomic_path(path) as tmp, warnings.catch_warnings(), eager_attention(model):
             warnings.simplefilter("ignore")
             torch.onnx.export(_Logits(model), example, str(tmp), input_names=list(INPUT_NAMES),
                               output_names=["logits"], dynamic_axes=axes, opset_version=OPSET,
@@ -178,15 +186,15 @@ def _rewrite_linear(rw: _Rewriter, node: onnx.NodeProto, m: QuantLinear, fmt: st
     else:
         a_scale, a_zero = _act_params(m)
         s, z = rw.const("a_scale", a_scale), rw.const("a_zero", a_zero)
-        xq, yi, yf = rw.tmp("x_q"), rw.tmp("y_int"), rw.tmp("y_float")
-        mm_inputs = [xq, w_name, z]
-        if w_zero is not None:
-            mm_inputs.append(rw.const("w_zero", w_zero if w_zero.size > 1 else w_zero.reshape(())))
-        combined = (a_scale * w_scale).astype(np.float32)
+        xq = rw.tmp("x_q")
+        w_zero_name = "" if w_zero is None else rw.const("w_zero", w_zero if w_zero.size > 1 else w_zero.reshape(()))
+        scale_name = rw.const("w_scale", w_scale if w_scale.size > 1 else w_scale.reshape(()))
+        mm_inputs = [xq, w_name, s, scale_name, z, w_zero_name, bias or ""]
+        while not mm_inputs[-1]:  # trailing optional inputs are left out, not named empty
+            mm_inputs.pop()
         nodes += [helper.make_node("QuantizeLinear", [a_in, s, z], [xq]),
-                  helper.make_node("MatMulInteger", mm_inputs, [yi]),
-                  helper.make_node("Cast", [yi], [yf], to=TensorProto.FLOAT),
-                  helper.make_node("Mul", [yf, rw.const("xw_scale", combined)], [y])]
+                  helper.make_node("MatMulIntegerToFloat", mm_inputs, [out], domain=MS_DOMAIN)]
+        return nodes
     if bias:
         nodes.append(helper.make_node("Add", [y, bias], [out]))
     return nodes
@@ -236,11 +244,29 @@ def rewrite_quantized(model_proto: onnx.ModelProto, table: dict[str, tuple[str, 
             digests[name] = _digest(numpy_helper.to_array(rw.inits[name]))
         return table.get(digests[name])
 
+    folded: set[int] = set()  # bias Add nodes taken into a fused integer GEMM
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
     for node in graph.node:
+        if id(node) in folded:
+            continue
         weight = node.input[0] if node.op_type == "Gather" else node.input[1] if len(node.input) > 1 else ""
         hit = match(weight)
         if node.op_type == "MatMul" and hit and isinstance(hit[1], QuantLinear) and hit[2]:
-            new_nodes += _rewrite_linear(rw, node, hit[1], fmt, None)
+            fusable = fmt == "integer" and hit[1].input_quant is not None
+            add = _bias_add(node, readers, outputs, rw.inits) if fusable else None
+            if add is None:
+                new_nodes += _rewrite_linear(rw, node, hit[1], fmt, None)
+            else:  # the GEMM writes the Add's output, bias included
+                folded.add(id(add))
+                bias = next(i for i in add.input if i != node.output[0])
+                fused = onnx.NodeProto()
+                fused.CopyFrom(node)
+                fused.output[0] = add.output[0]
+                new_nodes += _rewrite_linear(rw, fused, hit[1], fmt, bias)
         elif node.op_type == "Gemm" and hit and isinstance(hit[1], QuantLinear) and _plain_gemm(node, hit[2]):
             new_nodes += _rewrite_linear(rw, node, hit[1], fmt, node.input[2] if len(node.input) > 2 else None)
         elif node.op_type == "Gather" and hit and isinstance(hit[1], QuantEmbedding) and not hit[2] \
@@ -256,7 +282,22 @@ def rewrite_quantized(model_proto: onnx.ModelProto, table: dict[str, tuple[str, 
     graph.node.extend(new_nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + rw.new_inits)
+    if any(n.domain == MS_DOMAIN for n in new_nodes) and all(o.domain != MS_DOMAIN for o in model_proto.opset_import):
+        model_proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model_proto, done
+
+
+def _bias_add(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]], outputs: set[str],
+              inits: dict[str, TensorProto]) -> onnx.NodeProto | None:
+    """The ``Add`` of a constant 1-D bias that is the only reader of ``node``'s output, if there is one."""
+    out = node.output[0]
+    after = readers.get(out, [])
+    if len(after) != 1 or after[0].op_type != "Add" or out in outputs:
+        return None
+    other = [i for i in after[0].input if i != out]
+    if len(other) != 1 or other[0] not in inits or len(inits[other[0]].dims) != 1:
+        return None
+    return after[0]
 
 
 def _axis(node: onnx.NodeProto) -> int:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -104,3 +107,21 @@ def count_parameters(model: torch.nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+@contextlib.contextmanager
+def eager_attention(*models: nn.Module) -> Iterator[None]:
+    """Switch Hugging Face models to eager attention, the implementation that returns attention
+    probabilities (``sdpa`` does not), and restore their setting afterwards."""
+    saved = []
+    for model in models:
+        config = getattr(model, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        if current is not None and current != "eager" and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+            saved.append((model, current))
+    try:
+        yield
+    finally:
+        for model, current in saved:
+            model.set_attn_implementation(current)

@@ -36,6 +36,7 @@ from torch import nn
 from ..data.tokenize import EncodedDataset
 from ..errors import UserError
 from ..io import atomic_path, read_json, sha256_json, write_json_atomic
+from ..models.hf import eager_attention
 from ..progress import console, make_progress
 from ..utils import seed_everything
 from .evaluate import evaluate
@@ -231,24 +232,6 @@ def truncated(model: nn.Module, depth: int | None) -> Iterator[None]:
         yield
     finally:
         encoder.layer = layers
-
-
-@contextlib.contextmanager
-def eager_attention(*models: nn.Module) -> Iterator[None]:
-    """Switch Hugging Face models to eager attention, the implementation that returns attention
-    probabilities (``sdpa`` does not), and restore their setting afterwards."""
-    saved = []
-    for model in models:
-        config = getattr(model, "config", None)
-        current = getattr(config, "_attn_implementation", None)
-        if current is not None and current != "eager" and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
-            saved.append((model, current))
-    try:
-        yield
-    finally:
-        for model, current in saved:
-            model.set_attn_implementation(current)
 
 
 def word_dropout(batch: dict[str, torch.Tensor], p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
