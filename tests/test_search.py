@@ -483,3 +483,49 @@ def test_reference_is_the_float_model_whatever_is_searched():
     ref = space.reference()
     assert all(x.bits == 32 and x.format == "dense" for x in ref.all_layers())
     assert ref.arch.num_layers == 2 and ref.weight_bytes() == 4 * space.decode(space.largest()).weight_bytes()
+
+
+def test_side_weights_follow_a_quantized_word_embedding():
+    """Position/token-type tables and the pooler are stored at 8 bits once the word embedding is quantized:
+    counted in the size, and built by the plan (else a 50x size target is out of reach)."""
+    from dataclasses import replace
+
+    from transformers import BertForSequenceClassification
+
+    from fitformer.compress import apply_plan
+    from fitformer.compress.quant import is_quantized
+    from fitformer.hardware import get_device
+    from fitformer.layers.quant import QuantEmbedding, QuantLinear
+    from fitformer.models import tiny_bert_config
+    from fitformer.search.cost import device_limits, spec_to_plan
+
+    config = tiny_bert_config()
+    shape = EncoderShape.from_config(config)
+    h = config.hidden_size
+    assert shape.side_params == (config.max_position_embeddings + config.type_vocab_size) * h + h * h
+    limits = device_limits(get_device("laptop-i7-1185g7"))
+    assert 4 in limits.bits  # 4-bit codes run widened on the laptop's int8 kernels
+    space = DesignSpace(shape, SpaceConfig(formats=("dense",), bits=(32, 8), embedding=True), limits)
+    dense = space.decode(space.largest())
+    int8 = space.decode(space.full_model(8))
+    assert dense.side_bits == 32 and int8.side_bits == 8
+    assert dense.weight_bytes() - int8.weight_bytes() == sum(
+        x.params * 3 for x in dense.all_layers()) + shape.side_params * 3
+    float_embedding = replace(int8, embedding=replace(int8.embedding, bits=32))
+    assert float_embedding.side_bits == 32 and type(int8).from_dict(int8.to_dict()) == int8
+    model = apply_plan(BertForSequenceClassification(config).eval(), spec_to_plan(int8, shape))
+    assert is_quantized(model)
+    assert isinstance(model.bert.embeddings.position_embeddings, QuantEmbedding)
+    assert isinstance(model.bert.embeddings.token_type_embeddings, QuantEmbedding)
+    assert isinstance(model.bert.pooler.dense, QuantLinear)
+    assert "position_embeddings" not in str(spec_to_plan(float_embedding, shape).to_dict())
+
+
+def test_badly_factoring_dimensions_are_padded_balanced():
+    from fitformer.search.space import default_tt_shapes
+
+    vocab = default_tt_shapes(30522, 384, 3, 4)
+    assert vocab[0] == ((30, 32, 32), (6, 8, 8))  # 30522 = 2 x 3 x 5087 pads to 30720 (0.6%)
+    assert all(30522 <= math.prod(i) <= 30522 * 1.1 and math.prod(o) == 384 for i, o in vocab)
+    assert default_tt_shapes(384, 1536, 3, 4)[0] == ((6, 8, 8), (6, 16, 16))  # factors well: not padded
+    assert all(97 < math.prod(i) <= 106 for i, _ in default_tt_shapes(97, 64, 3, 4))  # prime: padded

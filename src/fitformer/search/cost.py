@@ -21,11 +21,18 @@ SPARSE_PREFERENCE = ("hp", "2:4", "block")  # formats a device may run natively,
 
 def device_limits(spec: DeviceSpec, bits: tuple[int, ...] = (32, 8, 4),
                   sparsities: tuple[float, ...] = (0.0, 0.5, 0.75)) -> DeviceLimits:
-    """What the search may choose on a device: bit widths it runs natively (32 always), and HP sparsity
-    only where the device declares a sparse format."""
-    native = tuple(b for b in bits if b == 32 or spec.dtype_for_bits(b)[1])
+    """What the search may choose on a device: bit widths it runs on integer kernels (32 always; narrower
+    ones stored packed), and HP sparsity only where the device declares a sparse format."""
+    native = tuple(b for b in bits if b == 32 or _runs_integer(spec, b))
     sparse = sparsities if spec.sparsity_formats else (0.0,)
     return DeviceLimits(bits=native, sparsities=tuple(sparse))
+
+
+def _runs_integer(spec: DeviceSpec, bits: int) -> bool:
+    """Whether ``bits``-bit weights run on the device's integer kernels: natively, or stored packed and
+    widened to the narrowest integer type it runs (4-bit codes on int8 GEMMs, as the ONNX export does)."""
+    dtype, native = spec.dtype_for_bits(bits)
+    return native or dtype.startswith("int")
 
 
 def sparse_format_for(spec: DeviceSpec | None) -> str:
@@ -113,4 +120,8 @@ def spec_to_plan(spec: CandidateSpec, shape: EncoderShape) -> CompressionPlan:
             chain.append(QuantPlan(weight_bits=x.bits, act_bits=8))  # integer kernels: 8-bit inputs
         if chain:
             layers[x.name] = chain
+    if spec.side_params and spec.side_bits < 32:  # the side weights follow a quantized word embedding
+        position, token_type, pooler = shape.side_names()
+        layers[position] = layers[token_type] = [QuantPlan(weight_bits=spec.side_bits, act_bits=None)]
+        layers[pooler] = [QuantPlan(weight_bits=spec.side_bits, act_bits=8)]
     return CompressionPlan(layers=layers, model_steps=steps)

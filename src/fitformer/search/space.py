@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..layers.tensorize import bond_ranks, enumerate_shapes, tt_params
+from ..layers.tensorize import _mode_tuples, bond_ranks, enumerate_shapes, tt_params
 
 FORMATS = ("dense", "lowrank", "tt")
 FLOAT_BITS = 32  # "not quantized"
+SIDE_BITS = 8  # side weights (CandidateSpec.side_params) of a model with a quantized word embedding
 # Linear modules of one BERT encoder layer: (name suffix, in-dimension role, out-dimension role).
 LINEAR_SITES = (
     ("attention.self.query", "hidden", "attn"),
@@ -55,6 +56,7 @@ class EncoderShape:
     vocab_size: int
     prefix: str = "bert.encoder.layer"
     embedding_prefix: str = "bert"
+    side_params: int = 0  # weights no site covers: position and token-type tables, pooler (see CandidateSpec)
 
     @property
     def head_dim(self) -> int:
@@ -64,9 +66,16 @@ class EncoderShape:
     def from_config(cls, config: Any, prefix: str = "bert.encoder.layer", embedding_prefix: str = "bert"
                     ) -> EncoderShape:
         """From a Hugging Face ``BertConfig`` (or any object with the same fields)."""
-        return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+        h = config.hidden_size
+        side = (getattr(config, "max_position_embeddings", 0) + getattr(config, "type_vocab_size", 0)) * h + h * h
+        return cls(num_layers=config.num_hidden_layers, hidden_size=h,
                    num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-                   vocab_size=config.vocab_size, prefix=prefix, embedding_prefix=embedding_prefix)
+                   vocab_size=config.vocab_size, prefix=prefix, embedding_prefix=embedding_prefix, side_params=side)
+
+    def side_names(self) -> tuple[str, ...]:
+        """The layers holding :attr:`side_params`."""
+        p = self.embedding_prefix
+        return (f"{p}.embeddings.position_embeddings", f"{p}.embeddings.token_type_embeddings", f"{p}.pooler.dense")
 
 
 @dataclass(frozen=True)
@@ -145,15 +154,26 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class CandidateSpec:
-    """A decoded candidate: plain data, hashable; :meth:`key` identifies equal plans."""
+    """A decoded candidate: plain data, hashable; :meth:`key` identifies equal plans.
+
+    ``side_params`` counts the weights no site covers (position and token-type tables, pooler). They follow
+    the word embedding: stored at 8 bits when it is quantized, else in float. Without that, a model whose
+    searched weights shrink 100x still carries 1.5 MB of float side tables (MiniLM-L6), which caps its size
+    gain near 60x whatever the search chooses."""
 
     arch: ArchSpec
     layers: tuple[LayerSpec, ...]
     embedding: LayerSpec | None = None
+    side_params: int = 0
+
+    @property
+    def side_bits(self) -> int:
+        return SIDE_BITS if self.embedding is not None and self.embedding.bits < FLOAT_BITS else FLOAT_BITS
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": asdict(self.arch), "layers": [asdict(x) for x in self.layers],
-                "embedding": None if self.embedding is None else asdict(self.embedding)}
+                "embedding": None if self.embedding is None else asdict(self.embedding),
+                "side_params": self.side_params}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CandidateSpec:
@@ -164,7 +184,8 @@ class CandidateSpec:
             return LayerSpec(**{**d, "in_modes": tuple(d["in_modes"]), "out_modes": tuple(d["out_modes"])})
 
         emb = data.get("embedding")
-        return cls(arch, tuple(layer(d) for d in data["layers"]), None if emb is None else layer(emb))
+        return cls(arch, tuple(layer(d) for d in data["layers"]), None if emb is None else layer(emb),
+                   int(data.get("side_params", 0)))
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:32]
@@ -173,9 +194,10 @@ class CandidateSpec:
         return self.layers + ((self.embedding,) if self.embedding is not None else ())
 
     def weight_bytes(self) -> int:
-        """Bytes of the searched weights at their bit widths (values only; sparse indices are the
-        hardware model's business)."""
-        return sum(math.ceil(x.params * x.bits / 8) for x in self.all_layers())
+        """Bytes of the searched weights and the side weights at their bit widths (values only; sparse
+        indices are the hardware model's business)."""
+        searched = sum(math.ceil(x.params * x.bits / 8) for x in self.all_layers())
+        return searched + math.ceil(self.side_params * self.side_bits / 8)
 
 
 @dataclass(frozen=True)
@@ -195,18 +217,48 @@ def tt_ranks(d: int, rank: int, in_modes: Sequence[int], out_modes: Sequence[int
     return bond_ranks(in_modes, out_modes, rank)
 
 
+def _bounded_modes(low: int, d: int, cap: int, high: int, prefix: tuple[int, ...] = ()) -> Iterator[tuple[int, ...]]:
+    """Every ``d``-tuple of factors in [2, cap] whose product lies in [low, high] (padded sizes, fast)."""
+    done = math.prod(prefix)
+    if d == 0:
+        if low <= done <= high:
+            yield prefix
+        return
+    for f in range(2, cap + 1):
+        if done * f * 2 ** (d - 1) > high:
+            break
+        if done * f * cap ** (d - 1) >= low:
+            yield from _bounded_modes(low, d - 1, cap, high, prefix + (f,))
+
+
 @lru_cache(maxsize=4096)
 def default_tt_shapes(in_features: int, out_features: int, d: int, limit: int) -> tuple[tuple[tuple[int, ...],
                                                                                            tuple[int, ...]], ...]:
     """Up to ``limit`` (in_modes, out_modes) tensorizations of a layer from
-    :func:`fitformer.layers.tensorize.enumerate_shapes`, most balanced first (smallest largest modes).
-    Dimensions that do not factor into ``d`` modes may be padded by up to 10% (the embedding's vocabulary)."""
+    :func:`fitformer.layers.tensorize.enumerate_shapes`, most balanced first (smallest largest modes), then
+    least padded. A dimension that factors badly into ``d`` modes (not at all, or only with a mode over twice
+    its d-th root: BERT's vocabulary 30522 = 2 x 3 x 5087) is padded by up to 10% (30522 -> 30 x 32 x 32)."""
+    def balanced(p: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[int, int, tuple]:
+        return max(p[0]) * max(p[1]), math.prod(p[0]) * math.prod(p[1]), p  # HEAT, Sec. 3; then padding
+
+    def factors_well(modes: tuple[int, ...], n: int) -> bool:
+        return max(modes) <= 2 * n ** (1 / d)
+
     shapes = enumerate_shapes(in_features, out_features, 16, num_cores=(d,), tokens=128)
-    if not shapes:
-        shapes = enumerate_shapes(in_features, out_features, 16, num_cores=(d,), tokens=128, max_pad=0.1)
-    pairs = sorted({(s.in_modes, s.out_modes) for s in shapes if min(s.in_modes + s.out_modes) >= 2},
-                   key=lambda p: (max(p[0]) * max(p[1]), p))  # balanced first (HEAT, Sec. 3)
-    return tuple(pairs[:limit])
+    pairs = {(s.in_modes, s.out_modes) for s in shapes if min(s.in_modes + s.out_modes) >= 2}
+    best = min(pairs, key=balanced) if pairs else None
+    if best and factors_well(best[0], in_features) and factors_well(best[1], out_features):
+        return tuple(sorted(pairs, key=balanced)[:limit])
+
+    def modes(n: int) -> list[tuple[int, ...]]:  # per dimension: no cost model over thousands of padded sizes
+        exact = list(_mode_tuples(n, d, 0.0, 2))
+        if exact and factors_well(min(exact, key=max), n):
+            return exact
+        padded = list(_bounded_modes(n, d, int(2 * n ** (1 / d)), int(n * 1.1))) or list(_mode_tuples(n, d, 0.1, 2))
+        return sorted(padded, key=lambda m: (max(m), math.prod(m), m))[:limit]
+
+    pairs = {(i, o) for i in modes(in_features) for o in modes(out_features)}
+    return tuple(sorted(pairs, key=balanced)[:limit])
 
 
 TTShapeFn = Callable[[int, int, int, int], Sequence[tuple[tuple[int, ...], tuple[int, ...]]]]
@@ -341,7 +393,7 @@ class DesignSpace:
                 embedding = spec
             else:
                 layers.append(spec)
-        return CandidateSpec(arch, tuple(layers), embedding)
+        return CandidateSpec(arch, tuple(layers), embedding, self.shape.side_params)
 
     def largest(self) -> tuple[int, ...]:
         """The gene of the full, uncompressed model (the reference every candidate is compared with)."""
