@@ -529,3 +529,13 @@ def test_badly_factoring_dimensions_are_padded_balanced():
     assert all(30522 <= math.prod(i) <= 30522 * 1.1 and math.prod(o) == 384 for i, o in vocab)
     assert default_tt_shapes(384, 1536, 3, 4)[0] == ((6, 8, 8), (6, 16, 16))  # factors well: not padded
     assert all(97 < math.prod(i) <= 106 for i, _ in default_tt_shapes(97, 64, 3, 4))  # prime: padded
+
+
+def test_most_compressed_is_the_full_architecture_at_its_fewest_bytes():
+    space = DesignSpace(SHAPE, SpaceConfig(ranks=(4, 8), bits=(32, 8, 4), sparsities=(0.0,)))
+    small = space.decode(space.most_compressed())
+    assert small.arch == space.decode(space.largest()).arch and all(x.bits == 4 for x in small.all_layers())
+    rng = np.random.default_rng(0)
+    others = [space.decode(space.sample(rng)) for _ in range(50)]
+    full_arch = [o for o in others if o.arch == small.arch]
+    assert all(small.weight_bytes() <= o.weight_bytes() for o in full_arch)

@@ -167,7 +167,7 @@ class Pipeline:
             store.check_meta({"device": spec.name, "genes": len(space), "seed": c.seed})
             result = nsga2(Session(problem, c.search_budget, store=store), seed=c.seed,
                            config=NSGA2Config(population=c.population),
-                           start=[space.full_model(b) for b in space.bits if b < 32])
+                           start=[space.full_model(b) for b in space.bits if b < 32] + [space.most_compressed()])
         teacher_spec = space.reference()
         on_front = {x.key for x in result.front}
         rest = 4 * sum(p.numel() for p in self.teacher.model.parameters()) - teacher_spec.weight_bytes()

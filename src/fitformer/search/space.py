@@ -395,6 +395,27 @@ class DesignSpace:
                 layers.append(spec)
         return CandidateSpec(arch, tuple(layers), embedding, self.shape.side_params)
 
+    def most_compressed(self) -> tuple[int, ...]:
+        """The full architecture with every searched weight at its fewest bytes (format, shape, lowest rank
+        and bits, highest sparsity): the small end of the front, a start that a short size search would
+        otherwise not reach from the full models."""
+        g = list(self.largest())
+        ranks, bits = self.config.ranks, self.bits
+        for k, name in enumerate(self._site_names):
+            base = self._arch_len + 5 * k
+            g[base + 1] = ranks.index(min(ranks))
+            g[base + 3] = bits.index(min(bits))
+            g[base + 4] = self.sparsities.index(max(self.sparsities))
+            trials = []
+            for fmt in range(len(self.formats)):
+                for shape in range(self.config.max_tt_shapes):
+                    trial = list(g)
+                    trial[base], trial[base + 2] = fmt, shape
+                    site = next(x for x in self.decode(trial).all_layers() if x.name == name)
+                    trials.append((math.ceil(site.params * site.bits / 8), fmt, shape))
+            _, g[base], g[base + 2] = min(trials)
+        return self.canonical(g)
+
     def largest(self) -> tuple[int, ...]:
         """The gene of the full, uncompressed model (the reference every candidate is compared with)."""
         g = [0] * len(self.genes)
