@@ -174,3 +174,25 @@ def test_quick_preset_ships_an_int8_model_with_packed_weights(run_args, tmp_path
     assert {evaluation[c["key"]]["runtime"] for c in candidates} == {"onnxruntime-int8"}
     model = fitformer.load(tmp_path / "quick")
     assert model.meta["weights"] == "packed" and len(model.predict(["a fine film"])) == 1
+
+
+def test_split_quant_builds_the_same_model_in_two_steps():
+    """Refit runs between the two halves: float factorized layers first, their quant steps after."""
+    from transformers import BertForSequenceClassification
+
+    from fitformer.compress import CompressionPlan, apply_plan
+    from fitformer.compress.quant import QuantPlan
+    from fitformer.compress.tt import TTPlan
+    from fitformer.models import tiny_bert_config
+    from fitformer.pipeline import _split_quant
+
+    model = BertForSequenceClassification(tiny_bert_config()).eval()
+    name = "bert.encoder.layer.0.intermediate.dense"
+    plan = CompressionPlan(layers={name: [TTPlan(max_rank=4, num_cores=2), QuantPlan(4, 8)],
+                                   "bert.encoder.layer.0.output.dense": [QuantPlan(8, 8)]})
+    factorize, quantize = _split_quant(plan)
+    assert all(not isinstance(s, QuantPlan) for c in factorize.layers.values() for s in c)
+    assert set(quantize.layers) == set(plan.layers)
+    one, two = apply_plan(model, plan), apply_plan(apply_plan(model, factorize), quantize)
+    assert type(one.get_submodule(name)) is type(two.get_submodule(name))
+    assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in two.state_dict().items()}
