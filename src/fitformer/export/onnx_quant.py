@@ -157,44 +157,41 @@ def _act_params(m: QuantLinear) -> tuple[np.ndarray, np.ndarray]:
     return scale, np.asarray(int(torch.round(q.zero_point.detach())), dtype=np.uint8)
 
 
+def _per_channel(array: np.ndarray) -> np.ndarray:
+    """A per-column step size or zero point as ONNX takes it: 1-D when it varies, a scalar otherwise."""
+    return array if array.size > 1 else array.reshape(())
+
+
 def _rewrite_linear(rw: _Rewriter, node: onnx.NodeProto, m: QuantLinear, fmt: str, bias: str | None) -> list:
     """Nodes computing ``node``'s output from integer codes (weight laid out K x N)."""
     codes, scale, zero = _codes(m)
     w_kn = codes.T.copy()  # (in, out)
-    w_scale = scale.reshape(-1).astype(np.float32)  # (out,) or (1,)
-    w_zero = None if zero is None else zero.reshape(-1)
+    w_scale = rw.const("w_scale", _per_channel(scale.reshape(-1).astype(np.float32)))  # (out,) or scalar
+    w_zero = None if zero is None else rw.const("w_zero", _per_channel(zero.reshape(-1)))
     a_in, out = node.input[0], node.output[0]
-    nodes = []
-    y = rw.tmp(out) if bias else out
     w_name = rw.const(f"{m.__class__.__name__}_w", w_kn)
-    if m.input_quant is None or fmt == "qdq":
-        axis_args = {"axis": 1} if w_scale.size > 1 else {}
-        scale_arg = w_scale if w_scale.size > 1 else w_scale.reshape(())
-        dq_inputs = [w_name, rw.const("w_scale", scale_arg)]
-        if w_zero is not None:
-            dq_inputs.append(rw.const("w_zero", w_zero if w_zero.size > 1 else w_zero.reshape(())))
-        wd = rw.tmp("w_dq")
-        nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [wd], **axis_args))
-        x = a_in
-        if m.input_quant is not None:
-            a_scale, a_zero = _act_params(m)
-            s, z = rw.const("a_scale", a_scale), rw.const("a_zero", a_zero)
-            xq, x = rw.tmp("x_q"), rw.tmp("x_dq")
-            nodes += [helper.make_node("QuantizeLinear", [a_in, s, z], [xq]),
-                      helper.make_node("DequantizeLinear", [xq, s, z], [x])]
-        nodes.append(helper.make_node("MatMul", [x, wd], [y]))
-    else:
+    if m.input_quant is not None and fmt == "integer":
         a_scale, a_zero = _act_params(m)
         s, z = rw.const("a_scale", a_scale), rw.const("a_zero", a_zero)
         xq = rw.tmp("x_q")
-        w_zero_name = "" if w_zero is None else rw.const("w_zero", w_zero if w_zero.size > 1 else w_zero.reshape(()))
-        scale_name = rw.const("w_scale", w_scale if w_scale.size > 1 else w_scale.reshape(()))
-        mm_inputs = [xq, w_name, s, scale_name, z, w_zero_name, bias or ""]
+        mm_inputs = [xq, w_name, s, w_scale, z, w_zero or "", bias or ""]
         while not mm_inputs[-1]:  # trailing optional inputs are left out, not named empty
             mm_inputs.pop()
+        return [helper.make_node("QuantizeLinear", [a_in, s, z], [xq]),
+                helper.make_node("MatMulIntegerToFloat", mm_inputs, [out], domain=MS_DOMAIN)]
+    y = rw.tmp(out) if bias else out
+    axis_args = {"axis": 1} if scale.size > 1 else {}
+    wd = rw.tmp("w_dq")
+    nodes = [helper.make_node("DequantizeLinear", [w_name, w_scale] + ([w_zero] if w_zero else []), [wd],
+                              **axis_args)]
+    x = a_in
+    if m.input_quant is not None:
+        a_scale, a_zero = _act_params(m)
+        s, z = rw.const("a_scale", a_scale), rw.const("a_zero", a_zero)
+        xq, x = rw.tmp("x_q"), rw.tmp("x_dq")
         nodes += [helper.make_node("QuantizeLinear", [a_in, s, z], [xq]),
-                  helper.make_node("MatMulIntegerToFloat", mm_inputs, [out], domain=MS_DOMAIN)]
-        return nodes
+                  helper.make_node("DequantizeLinear", [xq, s, z], [x])]
+    nodes.append(helper.make_node("MatMul", [x, wd], [y]))
     if bias:
         nodes.append(helper.make_node("Add", [y, bias], [out]))
     return nodes
