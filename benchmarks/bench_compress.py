@@ -13,7 +13,8 @@ Runs (each a full ``compress`` run directory under ``--work``, resumable; the th
 
 Every model is measured as it ships: quantized ones frozen, saved with packed integer weights and run in
 onnxruntime on integer kernels, float ones in PyTorch; ``size_bytes`` is the weights file on disk;
-``latency_ms_b1``/``latency_ms_b32`` are host wall-clock latencies at 128 tokens; ``edp`` maps catalog
+``latency_ms_b1``/``latency_ms_b32`` are host wall-clock latencies at 128 tokens, the teacher and every run's
+models timed in one interleaved loop at the end (so their ratios are not skewed by drift); ``edp`` maps catalog
 devices to the modelled EDP (mJ*s, batch 1, 128 tokens). When a run finds no candidate that meets its
 accuracy limit, the most accurate candidate is reported with ``"meets_constraints": false``.
 """
@@ -32,8 +33,9 @@ from common import markdown_table, parser, write_results  # noqa: E402
 from fitformer.config import build_config  # noqa: E402
 from fitformer.errors import InfeasibleError  # noqa: E402
 from fitformer.hardware import get_device  # noqa: E402
+from fitformer.hardware.timing import measure_interleaved, random_token_inputs  # noqa: E402
 from fitformer.io import read_json  # noqa: E402
-from fitformer.pipeline import Pipeline, is_candidate  # noqa: E402
+from fitformer.pipeline import Pipeline, forward_call, is_candidate  # noqa: E402
 from fitformer.search.cost import AnalyticCost  # noqa: E402
 from fitformer.search.space import CandidateSpec, EncoderShape  # noqa: E402
 
@@ -88,7 +90,34 @@ def run_one(name: str, overrides: dict[str, Any], work: Path, log) -> dict[str, 
     uniform = pipeline.uniform_baseline(key)
     return {"teacher": entry(evaluation["teacher"], teacher_spec, shape, "teacher"),
             "chosen": {**entry(evaluation[key], specs[key], shape, key), "meets_constraints": meets},
-            "uniform": {**entry(uniform, uniform["spec"], shape, "uniform"), "rank": uniform["rank"]}}
+            "uniform": {**entry(uniform, uniform["spec"], shape, "uniform"), "rank": uniform["rank"]},
+            "pipeline": pipeline}
+
+
+def time_side_by_side(results: dict[str, dict[str, Any]], rounds: int, log) -> None:
+    """Re-time the teacher and every run's chosen model and uniform baseline in one interleaved loop (batch 1
+    and 32, 128 tokens) and write those latencies into the entries: each run's own timings are minutes apart,
+    and this machine's speed drifts by more than the gains between them."""
+    models: dict[tuple[str, str], tuple[Any, Any]] = {}
+    for name, r in results.items():
+        if r["uniform"] is None:
+            continue
+        pipeline = r["pipeline"]
+        if ("teacher", "") not in models:
+            models[("teacher", "")] = pipeline.deployed("teacher")
+        models[(name, "chosen")] = pipeline.deployed(r["chosen"]["key"])
+        models[(name, "uniform")] = pipeline.deployed("uniform")
+    if len(models) < 2:
+        return
+    vocab = int(next(iter(results.values()))["pipeline"].teacher.model.config.vocab_size)
+    for batch in (1, 32):
+        inputs = random_token_inputs(batch, 128, vocab)
+        log(f"timing {len(models)} models side by side at batch {batch}")
+        ms = measure_interleaved([forward_call(m, s, inputs) for m, s in models.values()], rounds=rounds)
+        for (name, role), t in zip(models, ms, strict=True):
+            targets = [r["teacher"] for r in results.values()] if name == "teacher" else [results[name][role]]
+            for e in targets:
+                e[f"latency_ms_b{batch}"] = t
 
 
 def check(name: str, teacher: dict[str, Any], chosen: dict[str, Any], uniform: dict[str, Any]) -> dict[str, Any]:
@@ -124,9 +153,10 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
 
 `fitformer compress` on MiniLM-L6 / rotten-tomatoes, three runs (speed, size, energy), settings
 {settings}. Every model measured as it ships (quantized: packed weights, onnxruntime integer kernels);
-test accuracy on 1,280 held-out reviews; host latency at 128 tokens; size = weights file on disk; EDP
-modelled on the catalog's Raspberry Pi 4 (mJ*s, batch 1). The uniform baseline is HEAT's heuristic (one TT
-rank and bit width everywhere) at the chosen model's size, distilled with the same budget.
+test accuracy on 1,280 held-out reviews; host latency at 128 tokens, all models timed in one interleaved
+loop; size = weights file on disk; EDP modelled on the catalog's Raspberry Pi 4 (mJ*s, batch 1). The uniform
+baseline is HEAT's heuristic (one TT rank and bit width everywhere, the chosen model's word embedding) at the
+chosen model's size, trained with the same budget.
 
 {table}
 
@@ -160,6 +190,7 @@ def main() -> None:
     if args.train_examples is not None:
         overrides["distill_max_train_examples"] = args.train_examples or None
     results = {name: run_one(name, overrides, args.work, log=print) for name in args.runs}
+    time_side_by_side(results, rounds=4 if args.quick else 8, log=print)
     first = next(iter(results.values()))
     out = {"teacher": first["teacher"], "chosen": {n: r["chosen"] for n, r in results.items()},
            "uniform_baseline": {n: r["uniform"] for n, r in results.items()},

@@ -196,3 +196,37 @@ def test_split_quant_builds_the_same_model_in_two_steps():
     one, two = apply_plan(model, plan), apply_plan(apply_plan(model, factorize), quantize)
     assert type(one.get_submodule(name)) is type(two.get_submodule(name))
     assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in two.state_dict().items()}
+
+
+def test_deployed_models_of_a_finished_run_run_as_they_ship(finished_run):
+    """What the headline benchmark re-times side by side: the teacher, each candidate and the uniform
+    baseline, as an onnxruntime session when quantized, else the PyTorch model with its trained weights."""
+    import torch
+
+    from fitformer.export.onnx_quant import ort_logits
+    from fitformer.hardware.timing import random_token_inputs
+    from fitformer.pipeline import Pipeline, forward_call
+
+    manifest = json.loads((finished_run / "manifest.json").read_text())
+    pipeline = Pipeline(RunConfig(**manifest["config"], out=finished_run))
+    evaluation = json.loads((finished_run / "evaluate.json").read_text())
+    keys = ["teacher", "uniform", *(k for k in evaluation if not k.startswith(("baseline:", "teacher")))]
+    inputs = random_token_inputs(2, 16, pipeline.teacher.model.config.vocab_size)
+    for key in keys:
+        model, session = pipeline.deployed(key)
+        assert (model is None) != (session is None), key
+        forward_call(model, session, inputs)()
+        if session is not None:
+            assert evaluation.get(key, {}).get("runtime", "onnxruntime-int8") == "onnxruntime-int8"
+            logits = torch.from_numpy(ort_logits(session, inputs))
+        else:
+            with torch.no_grad():
+                logits = model(**inputs).logits
+        assert logits.shape == (2, len(pipeline.teacher.label_names)) and torch.isfinite(logits).all()
+    # the uniform baseline differs from the chosen model only in its encoder: same word embedding
+    chosen = json.loads((finished_run / "summary.json").read_text())["chosen"]["key"]
+    spec = next(c["spec"] for c in json.loads((finished_run / "candidates.json").read_text()) if c["key"] == chosen)
+    uniform = pipeline.run.result("baseline-uniform")
+    assert uniform["spec"]["embedding"] == spec["embedding"]
+    assert {x["format"] for x in uniform["spec"]["layers"]} == {"tt"} and len({x["rank"] for x in
+                                                                              uniform["spec"]["layers"]}) == 1

@@ -64,3 +64,16 @@ def test_refit_of_a_full_rank_student_stays_exact_and_dense_models_are_left_alon
         refit_factorized(student, teacher, [])
     with pytest.raises(UserError, match="steps"):
         refit_factorized(student, teacher, batches(teacher.config.vocab_size, 1), steps=-1)
+    with pytest.raises(UserError, match="max_seconds"):
+        refit_factorized(student, teacher, batches(teacher.config.vocab_size, 1), max_seconds=0)
+
+
+def test_refit_stops_at_its_time_budget(teacher):
+    plan = tt_plan_for_model(teacher, rank=2, min_features=16, exclude=["classifier"])
+    plan.layers["bert.embeddings.word_embeddings"] = [TTEmbeddingPlan(max_rank=2)]
+    student = apply_plan(teacher, plan)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    report = refit_factorized(student, teacher, batches(teacher.config.vocab_size), steps=150, lr=1e-2,
+                              embedding_steps=150, max_seconds=1e-9)  # spent before the first step
+    assert set(report.after) == set(plan.layers) and report.after == report.before
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())

@@ -16,6 +16,7 @@ import copy
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .rundir import RunDir
 
 Log = Callable[[str], None]
 BASELINE = "baseline:"  # evaluation rows of baselines (compared, never chosen)
+REFIT_SHARE = 1 / 3  # most of a candidate's training time its refit may take; distillation gets the rest
 
 
 def is_candidate(key: str) -> bool:
@@ -237,7 +239,8 @@ class Pipeline:
     def _candidate(self, key: str) -> dict[str, Any]:
         return next(p for p in read_json(self.run.file("candidates.json")) if p["key"] == key)
 
-    def _student(self, cand: dict[str, Any], weights: Path | None) -> torch.nn.Module:
+    def _student(self, cand: dict[str, Any], weights: Path | None,
+                 refit_seconds: float | None = None) -> torch.nn.Module:
         from safetensors.torch import load_file
 
         from .compress import CompressionPlan, apply_plan, refit_factorized
@@ -256,7 +259,7 @@ class Pipeline:
         calibration = train.select(range(min(256, len(train)))).batches(32)
         report = refit_factorized(student, self.teacher.model, calibration, steps=self.config.refit_steps,
                                   token_counts=train.token_counts(self.teacher.model.config.vocab_size),
-                                  seed=self.config.seed)
+                                  seed=self.config.seed, max_seconds=refit_seconds)
         if report.after:
             self.log(report.summary())
         if quantize.layers:
@@ -265,43 +268,52 @@ class Pipeline:
 
     def _distill_stage(self, run: RunDir, cand: dict[str, Any], index: int) -> tuple[Any, list[str]]:
         out = f"distill/{cand['key'][:12]}"
-        result = self._distill(self._student(self._candidate(cand["key"]), None), out)
+        result = self._train(self._candidate(cand["key"]), out)
         return {"key": cand["key"], **{k: v for k, v in result.to_dict().items() if k != "history"}}, \
             [f"{out}/best/model.safetensors"]
 
-    def _distill(self, student: torch.nn.Module, out: str):
-        """Distil ``student`` from the teacher for one candidate's share of the budget into ``RUN/out``."""
+    def _train(self, cand: dict[str, Any], out: str):
+        """Build, refit and distil one candidate's student into ``RUN/out`` within its share of the budget: the
+        refit may use up to ``REFIT_SHARE`` of it, distillation gets what the build and the refit left."""
         from .train import DistillConfig, DistillData, distill
 
         c = self.config
+        share = 60 * c.budget_minutes / c.candidates
+        start = time.perf_counter()
+        student = self._student(cand, None, refit_seconds=REFIT_SHARE * share)
+        left = max(share - (time.perf_counter() - start), 0.1 * share)
         data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)
-        config = DistillConfig(schedule=c.distill_schedule, budget_minutes=c.budget_minutes / c.candidates,
+        config = DistillConfig(schedule=c.distill_schedule, budget_minutes=left / 60,
                                batch_size=c.distill_batch_size, seed=c.seed)
         return distill(student, self.teacher.model, data, config, self.run.file(out))
 
     def _uniform_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
         """Baseline (HEAT's heuristic): every encoder linear as a 3-core TT-matrix with one rank and one bit
-        width (8 where the primary device runs int8), at the largest rank not above the chosen model's
-        predicted weight bytes, distilled with the same budget as one candidate."""
+        width (the width that holds most of the chosen model's linear weights), at the largest rank not above
+        the chosen model's predicted weight bytes, with the chosen model's word embedding (so the two differ
+        only in how the encoder is compressed), trained with the same budget as one candidate."""
+        from collections import Counter
         from dataclasses import replace
 
-        from .hardware import get_device
-        from .search.cost import device_limits, spec_to_plan
+        from .search.cost import spec_to_plan
         from .search.space import CandidateSpec, default_tt_shapes
 
-        c, shape = self.config, self._shape()
+        shape = self._shape()
         first = self._primary_search()
         dense = CandidateSpec.from_dict(first["teacher"]["spec"])
-        target = CandidateSpec.from_dict(self._candidate(key)["spec"]).weight_bytes()
-        bits = 8 if 8 in device_limits(get_device(c.devices[0])).bits else 32
+        chosen = CandidateSpec.from_dict(self._candidate(key)["spec"])
+        target = chosen.weight_bytes()
+        held = Counter()
+        for x in chosen.layers:
+            held[x.bits] += x.params
+        bits = held.most_common(1)[0][0]
 
         def uniform(rank: int) -> CandidateSpec:
             layers = []
             for x in dense.layers:
                 in_modes, out_modes = default_tt_shapes(x.in_features, x.out_features, 3, 1)[0]
                 layers.append(replace(x, format="tt", rank=rank, in_modes=in_modes, out_modes=out_modes, bits=bits))
-            embedding = None if dense.embedding is None else replace(dense.embedding, bits=bits)
-            return replace(dense, layers=tuple(layers), embedding=embedding)  # the embedding as searched: same bits
+            return replace(dense, layers=tuple(layers), embedding=chosen.embedding)
 
         low, high = 1, max(shape.hidden_size, shape.intermediate_size)
         while low < high:  # largest rank whose size stays within the chosen model's (sizes grow with rank)
@@ -309,7 +321,7 @@ class Pipeline:
             low, high = (mid, high) if uniform(mid).weight_bytes() <= target else (low, mid - 1)
         spec = uniform(low).to_dict()
         cand = {"key": "uniform", "spec": spec, "plan": spec_to_plan(CandidateSpec.from_dict(spec), shape).to_dict()}
-        self._distill(self._student(cand, None), "distill/uniform")
+        self._train(cand, "distill/uniform")
         student = self._student(cand, run.file("distill/uniform/best/model.safetensors"))
         deployed = self._deploy(student, cand, run.file("baselines/uniform"))
         row = {**deployed, "model_bytes": CandidateSpec.from_dict(spec).weight_bytes() + first["rest_bytes"],
@@ -320,7 +332,6 @@ class Pipeline:
         """Host latency (ms) at batch 1 and 32 of ``max_length`` tokens (fewer if the model has fewer
         positions): median of wall-clock calls (robust to a busy neighbour), of ``session`` (onnxruntime) if
         given, else of ``model``."""
-        from .export.onnx_quant import ort_logits
         from .hardware.timing import measure, random_token_inputs
 
         c = self.config
@@ -330,18 +341,29 @@ class Pipeline:
         tokens = min(c.max_length, int(getattr(model.config, "max_position_embeddings", c.max_length)))
         out = {}
         for batch in (1, 32):
-            inputs = random_token_inputs(batch, tokens, vocab)
-
-            def call(inputs=inputs):
-                if session is not None:
-                    ort_logits(session, inputs)
-                    return
-                with torch.inference_mode():
-                    model(**inputs)
-
+            call = forward_call(model, session, random_token_inputs(batch, tokens, vocab))
             repeats = c.latency_repeats if batch == 1 else max(5, c.latency_repeats // 2)
             out[f"latency_ms_b{batch}"] = measure(call, warmup=2, repeats=repeats, max_seconds=30).median_ms
         return out
+
+    def deployed(self, key: str) -> tuple[torch.nn.Module | None, Any]:
+        """A model of this finished run as it ships, to time it beside others: ``(model, session)``, the
+        onnxruntime session of a quantized model (model None) or the PyTorch model of a float one (session
+        None). ``key``: "teacher", "uniform" (the baseline) or a candidate's key."""
+        from .export.onnx_quant import ort_session
+
+        if key == "teacher":
+            return self.teacher.model.eval(), None
+        if key == "uniform":
+            cand, out, weights = self.run.result("baseline-uniform"), "baselines/uniform", "distill/uniform"
+            cand = {"key": key, "plan": _plan_for(cand["spec"], self._shape()).to_dict()}
+        else:
+            cand, short = self._candidate(key), key[:12]
+            out, weights = f"candidates/{short}", f"distill/{short}"
+        onnx_path = self.run.file(f"{out}.onnx")
+        if onnx_path.exists():
+            return None, ort_session(onnx_path, self.config.threads or torch.get_num_threads())
+        return self._student(cand, self.run.file(f"{weights}/best/model.safetensors")), None
 
     def _deploy(self, student: torch.nn.Module, cand: dict[str, Any], out: Path) -> dict[str, Any]:
         """Save a model as it ships and measure it as it runs. A quantized model is frozen, saved with packed
@@ -480,6 +502,20 @@ class Pipeline:
         write_json_atomic(run.file("summary.json"), summary)
         write_report(run.file("report.html"), c, summary, fronts, cands, evaluation)
         return summary, ["summary.json", "report.html"]
+
+
+def forward_call(model: torch.nn.Module | None, session: Any, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One forward pass on ``inputs``, of ``session`` (onnxruntime) if given, else of ``model``: what every
+    host latency times."""
+    from .export.onnx_quant import ort_logits
+
+    def call() -> None:
+        if session is not None:
+            ort_logits(session, inputs)
+            return
+        with torch.inference_mode():
+            model(**inputs)
+    return call
 
 
 def _split_quant(plan):

@@ -14,6 +14,7 @@ refit to the rows the calibration tokens use, weighted by how often they occur
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -80,9 +81,10 @@ def _collect_inputs(teacher: nn.Module, names: list[str], batches: Iterable[dict
 
 
 def _fit_linear(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
-                batch_tokens: int, generator: torch.Generator) -> tuple[float, float]:
-    """Adam on ``||layer(x) - y||^2 / ||y||^2`` over minibatches of tokens; returns the error before and after
-    (the starting weights are kept if the fit ends worse than it began)."""
+                batch_tokens: int, generator: torch.Generator, max_seconds: float | None = None) -> tuple[float, float]:
+    """Adam on ``||layer(x) - y||^2 / ||y||^2`` over minibatches of tokens, stopping early after
+    ``max_seconds``; returns the error before and after (the starting weights are kept if the fit
+    ends worse than it began)."""
     scale = y.pow(2).sum().clamp_min(1e-30)
     start = {k: v.detach().clone() for k, v in layer.state_dict().items()}
 
@@ -94,7 +96,10 @@ def _fit_linear(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
     params = [p for p in layer.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     n = x.shape[0]
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
     for _ in range(steps):
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
         idx = torch.randint(0, n, (min(batch_tokens, n),), generator=generator)
         loss = (layer(x[idx]) - y[idx]).pow(2).sum() / y[idx].pow(2).sum().clamp_min(1e-30)
         optimizer.zero_grad(set_to_none=True)
@@ -110,7 +115,7 @@ def _fit_linear(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
 def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                      steps: int = 200, lr: float = 1e-3, max_tokens: int = 8192, batch_tokens: int = 1024,
                      embedding_steps: int = 300, token_counts: torch.Tensor | None = None,
-                     seed: int = 0) -> RefitReport:
+                     seed: int = 0, max_seconds: float | None = None) -> RefitReport:
     """Fit every factorized layer of ``student`` (made by ``apply_plan`` from ``teacher``, so layer names
     match) to the teacher's dense layer on the teacher's inputs from ``batches``; in place. Layers whose
     sizes differ from the teacher's (pruned, or in a narrower sub-network) are left as they are.
@@ -121,9 +126,15 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
     ``EncodedDataset.token_counts``; default: the calibration tokens), which should cover the vocabulary
     the task uses, since rows left out drift as the shared cores change. Run it before quantization and
     distillation: it starts them from outputs close to the teacher's instead of from TT-SVD's.
+
+    ``max_seconds`` bounds the fitting time (recording the inputs not included): each layer gets an equal share
+    of what is left when it starts, so a slow machine fits every layer for fewer steps rather than some not
+    at all.
     """
     if steps < 0 or embedding_steps < 0 or max_tokens < 1 or batch_tokens < 1:
         raise UserError("refit needs steps >= 0, embedding_steps >= 0, max_tokens >= 1 and batch_tokens >= 1")
+    if max_seconds is not None and max_seconds <= 0:
+        raise UserError(f"refit max_seconds={max_seconds}: must be > 0 (or None for no limit)")
     dense = dict(teacher.named_modules())
     # only layers that compute the same function as the teacher's (a pruned or narrower sub-network's do not)
     linears = {n: m for n, m in student.named_modules()
@@ -140,21 +151,29 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
                             f"of {emb.num_embeddings}")
     inputs, ids = _collect_inputs(teacher, list(linears), batches, max_tokens, seed)
     generator = torch.Generator().manual_seed(seed)
+    end = None if max_seconds is None else time.perf_counter() + max_seconds
+    jobs = len(linears) + (len(embeddings) if embedding_steps else 0)
+
+    def share(done: int) -> float | None:
+        """Seconds for the next layer: an equal part of what is left of the budget."""
+        return None if end is None else max(0.0, end - time.perf_counter()) / (jobs - done)
+
     before, after = {}, {}
     was_training = student.training
     student.train()
     with torch.enable_grad():
-        for name, layer in linears.items():
+        for done, (name, layer) in enumerate(linears.items()):
             x = inputs.pop(name)
             with torch.no_grad():
                 y = dense[name](x)
-            before[name], after[name] = _fit_linear(layer, x, y, steps, lr, batch_tokens, generator)
+            before[name], after[name] = _fit_linear(layer, x, y, steps, lr, batch_tokens, generator, share(done))
         if embedding_steps:
-            for name, emb in embeddings.items():
+            for done, (name, emb) in enumerate(embeddings.items(), start=len(linears)):
                 counts = torch.bincount(ids, minlength=emb.num_embeddings) if token_counts is None else token_counts
                 used = counts.nonzero().squeeze(1)
                 target = dense[name].weight
                 before[name] = emb.fit_rows(target, used, counts[used].double(), steps=0)
-                after[name] = emb.fit_rows(target, used, counts[used].double(), steps=embedding_steps)
+                after[name] = emb.fit_rows(target, used, counts[used].double(), steps=embedding_steps,
+                                           max_seconds=share(done))
     student.train(was_training)
     return RefitReport(before, after, min(max_tokens, int(ids.numel())))

@@ -25,6 +25,7 @@ Hooks for quantization (and any other wrapper):
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -354,10 +355,10 @@ class TTEmbedding(_TTBase):
         return layer
 
     def fit_rows(self, target: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None = None,
-                 steps: int = 300, lr: float = 3e-3) -> float:
+                 steps: int = 300, lr: float = 3e-3, max_seconds: float | None = None) -> float:
         """Refit the cores (Adam, full batch) to the rows ``target[ids]`` of a dense table, each row's squared
         error weighted by ``weights`` (e.g. how often the task uses that token); returns the weighted relative
-        error reached (never worse than the start's).
+        error reached (never worse than the start's). ``max_seconds`` stops the fit early.
 
         Why: a vocabulary table is far from low TT-rank (TT-SVD of a 30k x 384 table at rank 64 leaves ~90%
         relative error), but a task touches a fraction of the rows, most of its tokens from a few thousand.
@@ -391,7 +392,10 @@ class TTEmbedding(_TTBase):
         with torch.no_grad():
             start, before = [c.detach().clone() for c in self.cores], error().sqrt().item()
         optimizer = torch.optim.Adam(self.cores.parameters(), lr=lr)
+        deadline = None if max_seconds is None else time.perf_counter() + max_seconds
         for _ in range(steps):
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             optimizer.zero_grad(set_to_none=True)
             error().backward()
             optimizer.step()
