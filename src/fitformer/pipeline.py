@@ -16,7 +16,6 @@ import copy
 import os
 import shutil
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -274,17 +273,20 @@ class Pipeline:
 
     def _train(self, cand: dict[str, Any], out: str):
         """Build, refit and distil one candidate's student into ``RUN/out`` within its share of the budget: the
-        refit may use up to ``REFIT_SHARE`` of it, distillation gets what the build and the refit left."""
+        refit may use up to ``REFIT_SHARE`` of it, distillation the rest, or all of it when nothing is refit (a
+        figure fixed by the plan, not what the refit left, so a resumed distillation sees the settings it
+        started with)."""
+        from .compress.refit import FACTORIZED
+        from .layers import TTEmbedding
         from .train import DistillConfig, DistillData, distill
 
         c = self.config
-        share = 60 * c.budget_minutes / c.candidates
-        start = time.perf_counter()
-        student = self._student(cand, None, refit_seconds=REFIT_SHARE * share)
-        left = max(share - (time.perf_counter() - start), 0.1 * share)
+        share = c.budget_minutes / c.candidates
+        student = self._student(cand, None, refit_seconds=60 * REFIT_SHARE * share)
+        refits = c.refit_steps > 0 and any(isinstance(m, (*FACTORIZED, TTEmbedding)) for m in student.modules())
         data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)
-        config = DistillConfig(schedule=c.distill_schedule, budget_minutes=left / 60,
-                               batch_size=c.distill_batch_size, seed=c.seed)
+        config = DistillConfig(schedule=c.distill_schedule, budget_minutes=(1 - REFIT_SHARE) * share if refits
+                               else share, batch_size=c.distill_batch_size, seed=c.seed)
         return distill(student, self.teacher.model, data, config, self.run.file(out))
 
     def _uniform_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
