@@ -207,12 +207,14 @@ class Pipeline:
         closest: tuple[float, str, dict[str, float]] | None = None
         for device in c.devices:
             found = read_json(run.file(f"search/{_device_slug(device)}.json"))
-            rest, limit = found["rest_bytes"], found["teacher"][metric] / c.min_gain
+            rest = found["rest_bytes"]
+            whole = metric == "size_bytes"  # a size gain counts the whole model (biases, norms too), as on disk
+            limit = (found["teacher"]["model_bytes"] if whole else found["teacher"][metric]) / c.min_gain
             ok = []
             for x in sorted(found["front"], key=lambda x: x["metrics"]["proxy_loss"]):
                 modelled = self._modelled(x["spec"])
                 violations = self._violations(modelled, rest)
-                violations["min_gain"] = x["metrics"][metric] / limit
+                violations["min_gain"] = (x["model_bytes"] if whole else x["metrics"][metric]) / limit
                 worst = max(violations.values())
                 if worst <= 1.0:
                     ok.append({"key": x["key"], "device": device, "spec": x["spec"], "metrics": x["metrics"],
