@@ -196,7 +196,9 @@ def main() -> None:
            "uniform_baseline": {n: r["uniform"] for n, r in results.items()},
            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items() if k != "threads"}}
     out["targets"] = {n: check(n, first["teacher"], out["chosen"][n], out["uniform_baseline"][n]) for n in results}
-    write_results("compress", out, markdown(out, out["settings"]), quick=args.quick)
+    # a subset of the runs gets its own file (compress-size.json, ...), so it never replaces a three-run result
+    name = "compress" if set(results) == set(RUNS) else "-".join(["compress", *results])
+    write_results(name, out, markdown(out, out["settings"]), quick=args.quick)
     for n, t in out["targets"].items():
         print(n, {k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()})
 

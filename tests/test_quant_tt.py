@@ -147,3 +147,28 @@ def test_tt_type_in_spec_without_tt_layers_is_an_error():
     dense = BertForSequenceClassification(tiny_bert_config()).eval()
     with pytest.raises(UserError, match="no such layer"):
         quantize(dense, {"TTLinear": QuantPlan(4, 8)})
+
+
+def test_tt_with_float_intermediates_runs_the_planned_execution_and_round_trips(tt_classifier, tmp_path):
+    """``intermediates=False``: cores and inputs quantized, the contraction free to take the planner's path
+    (what searched plans use); it freezes, saves, loads and exports like the fully quantized layer."""
+    spec = {"TTLinear": QuantPlan(4, 8, intermediates=False), "TTEmbedding": QuantPlan(4, 8, intermediates=False),
+            "Linear": QuantPlan(8, 8)}
+    assert CompressionPlan.from_dict(CompressionPlan(layers={"x": [spec["TTLinear"]]}).to_dict()).layers["x"] == \
+        [spec["TTLinear"]]
+    q = quantize(tt_classifier, spec)
+    calibrate(q, [_batch(1), _batch(2)])
+    layer = q.bert.encoder.layer[0].intermediate.dense
+    assert layer.intermediate_quant is None and layer.input_quant is not None
+    assert q.bert.embeddings.word_embeddings.intermediate_quant is None
+    frozen = freeze(q)
+    batch = _batch(7)
+    with torch.no_grad():
+        assert torch.allclose(q(**batch).logits, frozen(**batch).logits, atol=1e-5)
+    save_quantized(frozen, tmp_path / "tt.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(frozen(**batch).logits, load_quantized(tmp_path / "tt.safetensors")(**batch).logits,
+                              atol=1e-5)
+    export_quantized_onnx(frozen, tmp_path / "tt.onnx")
+    gap = compare_with_torch(frozen, ort_session(tmp_path / "tt.onnx", threads=1), [_batch(s) for s in range(3)])
+    assert gap["max_abs_diff"] <= 1e-2

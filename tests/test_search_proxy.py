@@ -27,7 +27,10 @@ def test_candidates_build_and_proxies_rank_the_dense_model_first(tiny_model_dir)
     rng = np.random.default_rng(0)
     for _ in range(4):
         spec = space.decode(space.sample(rng))
-        model = apply_plan(net, spec_to_plan(spec, shape))
+        plan = spec_to_plan(spec, shape)
+        quant = [(x, s) for x in spec.layers for s in plan.layers.get(x.name, []) if s.kind == "quant"]
+        assert all(s.intermediates == (x.format != "tt") for x, s in quant)  # TT: float intermediates
+        model = apply_plan(net, plan)
         assert model.bert.config.num_hidden_layers == spec.arch.num_layers or len(model.bert.encoder.layer) == \
             spec.arch.num_layers
         assert kd(spec)["proxy_loss"] >= 0.0 and 0.0 < weights(spec)["proxy_loss"] <= 1.0

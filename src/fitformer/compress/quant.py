@@ -44,7 +44,9 @@ class QuantPlan(LayerPlan):
     (TT, :func:`~fitformer.layers.quant.core_channel_axis`) its own step size; ``symmetric`` chooses signed
     weights with zero point 0; activations are asymmetric (unsigned, with a learned zero point) unless
     ``act_symmetric``. TT layers also quantize every intermediate result of their contraction to
-    ``act_bits``.
+    ``act_bits`` unless ``intermediates`` is False: quantized intermediates pin the layer to its unfused
+    core-by-core chain, which trains 27x slower than the planner's execution (3.4 s against 126 ms per
+    step of a 4-bit 384x1536 rank-32 layer on 1,024 tokens, 2 cores).
     """
 
     kind: ClassVar[str] = "quant"
@@ -53,6 +55,7 @@ class QuantPlan(LayerPlan):
     per_channel: bool = True
     symmetric: bool = True
     act_symmetric: bool = False
+    intermediates: bool = True
 
     def validate(self) -> QuantPlan:
         check_bits(self.weight_bits, "weight_bits")
@@ -66,9 +69,9 @@ QUANTIZERS: dict[type, Callable[[nn.Module, QuantPlan], nn.Module]] = {
     nn.Linear: lambda m, p: QuantLinear(m, p.weight_bits, p.act_bits, p.per_channel, p.symmetric, p.act_symmetric),
     nn.Embedding: lambda m, p: QuantEmbedding(m, p.weight_bits, p.per_channel, p.symmetric),
     TTLinear: lambda m, p: QuantTTLinear.wrap(m, p.weight_bits, p.act_bits, p.per_channel, p.symmetric,
-                                              p.act_symmetric),
+                                              p.act_symmetric, p.intermediates),
     TTEmbedding: lambda m, p: QuantTTEmbedding.wrap(m, p.weight_bits, p.act_bits, p.per_channel, p.symmetric,
-                                                    p.act_symmetric),
+                                                    p.act_symmetric, p.intermediates),
 }
 
 

@@ -402,7 +402,9 @@ class _QuantTT(QuantModule):
 
     @classmethod
     def wrap(cls, layer: nn.Module, weight_bits: int, act_bits: int | None, per_channel: bool, symmetric: bool,
-             act_symmetric: bool) -> _QuantTT:
+             act_symmetric: bool, intermediates: bool = True) -> _QuantTT:
+        """``layer`` with quantized cores and ``act_bits`` inputs (a linear's), and intermediates too unless
+        ``intermediates`` is False."""
         out = copy.deepcopy(layer)
         out.__class__ = cls
         out.core_quant = nn.ModuleList(
@@ -411,7 +413,7 @@ class _QuantTT(QuantModule):
         for q, c in zip(out.core_quant, out.cores, strict=True):
             q.init_from(c)
         act = None if act_bits is None else LSQQuantizer(act_bits, act_symmetric, activation=True)
-        out.intermediate_quant = act
+        out.intermediate_quant = act if intermediates else None
         out.input_quant = copy.deepcopy(act) if cls.quantizes_input else None
         if hasattr(out, "_cache"):
             out._cache = None

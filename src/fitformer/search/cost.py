@@ -116,8 +116,10 @@ def spec_to_plan(spec: CandidateSpec, shape: EncoderShape) -> CompressionPlan:
         if x.sparsity > 0 and not is_embedding:
             m = 4
             chain.append(BalancedSparsityPlan(n=max(1, round(m * (1 - x.sparsity))), m=m))
-        if x.bits < 32:
-            chain.append(QuantPlan(weight_bits=x.bits, act_bits=8))  # integer kernels: 8-bit inputs
+        if x.bits < 32:  # integer kernels: 8-bit inputs. A TT layer keeps float intermediates: onnxruntime
+            # runs its chain in float on the dequantized cores anyway, and quantized ones would pin training
+            # to the unfused chain, 27x slower (QuantPlan)
+            chain.append(QuantPlan(weight_bits=x.bits, act_bits=8, intermediates=x.format != "tt"))
         if chain:
             layers[x.name] = chain
     if spec.side_params and spec.side_bits < 32:  # the side weights follow a quantized word embedding
