@@ -149,9 +149,10 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
                               "beats_uniform", "met"], floatfmt=".2f")
     missing = "".join(f"\n- {n}: {t['reason']}" for n, t in result["targets"].items() if "reason" in t)
     missing = f"\nRuns with no candidate to distil:{missing}\n" if missing else ""
-    return f"""## Compress end to end (`benchmarks/bench_compress.py`)
+    subset = "" if set(result["chosen"]) == set(RUNS) else " --runs " + " ".join(result["chosen"])
+    return f"""## Compress end to end (`benchmarks/bench_compress.py{subset}`)
 
-`fitformer compress` on MiniLM-L6 / rotten-tomatoes, three runs (speed, size, energy), settings
+`fitformer compress` on MiniLM-L6 / rotten-tomatoes, runs: {", ".join(result["chosen"])}; settings
 {settings}. Every model measured as it ships (quantized: packed weights, onnxruntime integer kernels);
 test accuracy on 1,280 held-out reviews; host latency at 128 tokens, all models timed in one interleaved
 loop; size = weights file on disk; EDP modelled on the catalog's Raspberry Pi 4 (mJ*s, batch 1). The uniform

@@ -52,7 +52,7 @@ class RunConfig(BaseModel):
     objective: Literal["latency", "energy", "edp", "size"] = Field(
         "latency", description="What the chosen model minimises on the primary device (modelled).")
     budget_minutes: float = Field(10.0, gt=0, description="Wall-clock minutes of training (refit, then "
-                                  "distillation), split equally among the candidates; a refit takes at most "
+                                  "distillation), split equally among the candidates found; a refit takes at most "
                                   "a third of a candidate's share, distillation the rest.")
     out: Path = Field(Path("runs/compress"), description="Run directory; rerunning the same config resumes it.")
     teacher_epochs: int = Field(3, ge=1, description="Fine-tuning epochs of the teacher (cached per machine).")

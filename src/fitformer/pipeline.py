@@ -283,7 +283,7 @@ class Pipeline:
         from .train import DistillConfig, DistillData, distill
 
         c = self.config
-        share = c.budget_minutes / c.candidates
+        share = c.budget_minutes / len(read_json(self.run.file("candidates.json")))  # those picked, not asked
         student = self._student(cand, None, refit_seconds=60 * REFIT_SHARE * share)
         refits = c.refit_steps > 0 and any(isinstance(m, (*FACTORIZED, TTEmbedding)) for m in student.modules())
         data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)

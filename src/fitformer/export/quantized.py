@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path
-from ..layers.quant import quant_modules, quantizers
+from ..layers.quant import LSQQuantizer, quant_modules, quantizers
 
 FORMAT = "fitformer-quant/1"
 PACKED = ".packed"
@@ -83,6 +83,12 @@ def freeze_structure(model: nn.Module) -> nn.Module:
     return model
 
 
+def _flag_keys(model: nn.Module) -> set[str]:
+    """The ``initialized`` flags of the quantizers: all true in a frozen model, so not stored (151 entries of
+    the safetensors index, 20 KB, in a 1.8 MB 4-bit TT MiniLM)."""
+    return {f"{n}.initialized" for n, m in model.named_modules() if isinstance(m, LSQQuantizer)}
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> int:
     """Save a frozen quantized model to ``path`` (one packed safetensors file, atomically); returns its size."""
     mods = quant_modules(model)
@@ -98,6 +104,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], meta: dict[st
             codes = getattr(m, local)
             packed_keys[prefix + local] = (quantizer.bits, quantizer.symmetric, tuple(codes.shape))
         derived.update(prefix + k for k in m.derived_keys())
+    derived |= _flag_keys(model)
     seen: dict[tuple, str] = {}
     for key, value in model.state_dict().items():
         if key in derived:  # recomputed from the integer codes on load
@@ -164,11 +171,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """Load an unpacked state into a frozen model of the same structure (strict)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     mods = quant_modules(model)
-    derived = {f"{n}.{k}" if n else k for n, m in mods for k in m.derived_keys()}
+    derived = {f"{n}.{k}" if n else k for n, m in mods for k in m.derived_keys()} | _flag_keys(model)
     missing = [k for k in missing if k not in derived]
     if missing or unexpected:
         raise UserError(f"the saved model does not match the structure: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}; rebuild it with the same plans")
+    for q in quantizers(model):
+        q.initialized.fill_(True)
     for _, m in mods:
         m.restore()
     return model
