@@ -299,7 +299,6 @@ class Pipeline:
         from collections import Counter
         from dataclasses import replace
 
-        from .search.cost import spec_to_plan
         from .search.space import CandidateSpec, default_tt_shapes
 
         shape = self._shape()
@@ -324,7 +323,7 @@ class Pipeline:
             mid = (low + high + 1) // 2
             low, high = (mid, high) if uniform(mid).weight_bytes() <= target else (low, mid - 1)
         spec = uniform(low).to_dict()
-        cand = {"key": "uniform", "spec": spec, "plan": spec_to_plan(CandidateSpec.from_dict(spec), shape).to_dict()}
+        cand = {"key": "uniform", "spec": spec, "plan": _plan_for(spec, shape).to_dict()}
         self._train(cand, "distill/uniform")
         student = self._student(cand, run.file("distill/uniform/best/model.safetensors"))
         deployed = self._deploy(student, cand, run.file("baselines/uniform"))
@@ -359,8 +358,8 @@ class Pipeline:
         if key == "teacher":
             return self.teacher.model.eval(), None
         if key == "uniform":
-            cand, out, weights = self.run.result("baseline-uniform"), "baselines/uniform", "distill/uniform"
-            cand = {"key": key, "plan": _plan_for(cand["spec"], self._shape()).to_dict()}
+            spec, out, weights = self.run.result("baseline-uniform")["spec"], "baselines/uniform", "distill/uniform"
+            cand = {"key": key, "spec": spec, "plan": _plan_for(spec, self._shape()).to_dict()}
         else:
             cand, short = self._candidate(key), key[:12]
             out, weights = f"candidates/{short}", f"distill/{short}"
