@@ -539,3 +539,44 @@ def test_most_compressed_is_the_full_architecture_at_its_fewest_bytes():
     others = [space.decode(space.sample(rng)) for _ in range(50)]
     full_arch = [o for o in others if o.arch == small.arch]
     assert all(small.weight_bytes() <= o.weight_bytes() for o in full_arch)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
+    """What the search calls a candidate's size is the file ``export`` writes: the same tensors, and bytes
+    within 1% (step sizes, zero points and the safetensors index included; biases and norms as ``rest``)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+    from transformers import BertForSequenceClassification
+
+    from fitformer.compress import apply_plan
+    from fitformer.compress.quant import freeze, is_quantized
+    from fitformer.export.quantized import save_quantized
+    from fitformer.models import tiny_bert_config
+    from fitformer.search.cost import spec_to_plan
+
+    torch.manual_seed(seed)
+    config = tiny_bert_config()
+    shape = EncoderShape.from_config(config)
+    space = DesignSpace(shape, SpaceConfig(ranks=(2, 4, 8), bits=(32, 8, 4), sparsities=(0.0,)))
+    genes = [space.largest(), space.full_model(8), space.most_compressed()] + [
+        space.sample(np.random.default_rng(s)) for s in range(3)]
+    spec = space.decode(genes[seed])
+    teacher = BertForSequenceClassification(config).eval()
+    rest = 4 * sum(p.numel() for p in teacher.parameters()) - space.reference().weight_bytes()
+    student = apply_plan(teacher, spec_to_plan(spec, shape))
+    path = tmp_path / "model.safetensors"
+    if is_quantized(student):
+        with torch.no_grad():
+            student(input_ids=torch.randint(0, config.vocab_size, (2, 8)))  # initialise activation quantizers
+        save_quantized(freeze(student), path)
+    else:
+        save_model(student, str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        saved = set(handle.keys())  # noqa: SIM118 (not a dict)
+    parts = [x.stored_tensors() for x in spec.layers] + [spec._unsearched_tensors()]
+    if spec.embedding is not None:
+        parts.append(spec.embedding.stored_tensors(embedding=True))
+    assert {n for part in parts for n in part[0]} == saved
+    assert spec.file_bytes() + rest == pytest.approx(path.stat().st_size, rel=0.01)

@@ -175,7 +175,7 @@ class Pipeline:
         history = [{**x.to_dict(), "front": x.key in on_front,
                     "model_bytes": x.metrics["size_bytes"] + rest} for x in result.history]
         out = {"device": device, "objectives": list(problem.objectives), "rest_bytes": rest,
-               "teacher": {**cost(teacher_spec), "proxy_loss": 0.0, "model_bytes": teacher_spec.weight_bytes() + rest,
+               "teacher": {**cost(teacher_spec), "proxy_loss": 0.0, "model_bytes": teacher_spec.file_bytes() + rest,
                            "spec": teacher_spec.to_dict()},
                "history": history, "front": [h for h in history if h["front"]]}
         write_json_atomic(run.file(f"search/{slug}.json"), out)
@@ -294,7 +294,7 @@ class Pipeline:
     def _uniform_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
         """Baseline (HEAT's heuristic): every encoder linear as a 3-core TT-matrix with one rank and one bit
         width (the width that holds most of the chosen model's linear weights), at the largest rank not above
-        the chosen model's predicted weight bytes, with the chosen model's word embedding (so the two differ
+        the chosen model's predicted file bytes, with the chosen model's word embedding (so the two differ
         only in how the encoder is compressed), trained with the same budget as one candidate."""
         from collections import Counter
         from dataclasses import replace
@@ -305,7 +305,7 @@ class Pipeline:
         first = self._primary_search()
         dense = CandidateSpec.from_dict(first["teacher"]["spec"])
         chosen = CandidateSpec.from_dict(self._candidate(key)["spec"])
-        target = chosen.weight_bytes()
+        target = chosen.file_bytes()
         held = Counter()
         for x in chosen.layers:
             held[x.bits] += x.params
@@ -321,13 +321,13 @@ class Pipeline:
         low, high = 1, max(shape.hidden_size, shape.intermediate_size)
         while low < high:  # largest rank whose size stays within the chosen model's (sizes grow with rank)
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if uniform(mid).weight_bytes() <= target else (low, mid - 1)
+            low, high = (mid, high) if uniform(mid).file_bytes() <= target else (low, mid - 1)
         spec = uniform(low).to_dict()
         cand = {"key": "uniform", "spec": spec, "plan": _plan_for(spec, shape).to_dict()}
         self._train(cand, "distill/uniform")
         student = self._student(cand, run.file("distill/uniform/best/model.safetensors"))
         deployed = self._deploy(student, cand, run.file("baselines/uniform"))
-        row = {**deployed, "model_bytes": CandidateSpec.from_dict(spec).weight_bytes() + first["rest_bytes"],
+        row = {**deployed, "model_bytes": CandidateSpec.from_dict(spec).file_bytes() + first["rest_bytes"],
                "rank": low, "bits": bits, "spec": spec, **self._predicted_host(spec), "modelled": self._modelled(spec)}
         return row, ["baselines/uniform/model.safetensors", "distill/uniform/best/model.safetensors"]
 
@@ -449,7 +449,7 @@ class Pipeline:
         spec = CandidateSpec.from_dict(teacher_spec)
         spec = replace(spec, layers=tuple(replace(x, bits=8) for x in spec.layers)).to_dict()
         return {"runtime": "pytorch", "test_accuracy": self.teacher.evaluate("test", model=model).accuracy,
-                "size_bytes": path.stat().st_size, "model_bytes": CandidateSpec.from_dict(spec).weight_bytes() + rest,
+                "size_bytes": path.stat().st_size, "model_bytes": CandidateSpec.from_dict(spec).file_bytes() + rest,
                 **self._measure(model), **self._predicted_host(spec), "modelled": self._modelled(spec)}
 
     def _save(self, student: torch.nn.Module, cand: dict[str, Any], out: Path, accuracy: float) -> Path:

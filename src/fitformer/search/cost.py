@@ -83,7 +83,7 @@ class AnalyticCost:
     def __call__(self, spec: CandidateSpec) -> dict[str, float]:
         arch, comp = spec_to_config(spec, self.shape, self._format)
         cost = self._cost.estimate_config(arch, comp, self.input_shape)
-        size = float(spec.weight_bytes())
+        size = float(spec.file_bytes())
         return {"latency_ms": cost.latency_ms, "energy_mj": cost.energy_j * 1e3, "edp_mjs": cost.edp * 1e3,
                 "size_bytes": size, "memory_bytes": cost.peak_memory_bytes,
                 "fits": float(size <= self.device.dram_bytes.value), "supported": float(cost.supported)}
