@@ -575,7 +575,7 @@ def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
         save_model(student, str(path))
     with safe_open(str(path), framework="pt") as handle:
         saved = set(handle.keys())  # noqa: SIM118 (not a dict)
-    parts = [x.stored_tensors() for x in spec.layers] + [spec._unsearched_tensors()]
+    parts = [x.stored_tensors() for x in spec.layers] + [spec.unsearched_tensors()]
     if spec.embedding is not None:
         parts.append(spec.embedding.stored_tensors(embedding=True))
     assert {n for part in parts for n in part[0]} == saved

@@ -236,7 +236,7 @@ class CandidateSpec:
         points, and the safetensors index and metadata, with an entry for every tensor (biases and norms
         too, whose values the caller adds). In a 1.8 MB 4-bit TT MiniLM the index is 58 KB and the step
         sizes 18 KB: counting values alone predicted 52.2x for a file of 49.5x."""
-        parts = [x.stored_tensors() for x in self.layers] + [self._unsearched_tensors()]
+        parts = [x.stored_tensors() for x in self.layers] + [self.unsearched_tensors()]
         if self.embedding is not None:
             parts.append(self.embedding.stored_tensors(embedding=True))
         names = [n for part in parts for n in part[0]]
@@ -247,10 +247,10 @@ class CandidateSpec:
         index = sum(len(x) + entry for x in names) + sum(len(x) + LAYOUT_ENTRY_BYTES for x in packed)
         return values + index + METADATA_BYTES
 
-    def _unsearched_tensors(self) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    def unsearched_tensors(self) -> tuple[tuple[str, ...], tuple[str, ...], int]:
         """:meth:`LayerSpec.stored_tensors` of what no site covers: biases, layer norms, the side weights
         (quantized as :func:`fitformer.search.cost.spec_to_plan` does) and the classifier."""
-        first = self.layers[0].name if self.layers else EMBEDDING_NAME
+        first = next((x.name for x in self.all_layers()), f"bert.{EMBEDDING_NAME}")
         root = first.split(".encoder.")[0] if ".encoder." in first else first.split(".embeddings.")[0]
         names = [f"{x.name}.bias" for x in self.layers]
         names += [f"{x.name[:-len('dense')]}LayerNorm.{p}" for x in self.layers if x.name.endswith(".output.dense")
