@@ -78,8 +78,14 @@ class EncoderShape:
 
     def side_names(self) -> tuple[str, ...]:
         """The layers holding :attr:`side_params`."""
-        p = self.embedding_prefix
-        return (f"{p}.embeddings.position_embeddings", f"{p}.embeddings.token_type_embeddings", f"{p}.pooler.dense")
+        return side_names(self.embedding_prefix)
+
+
+def side_names(embedding_prefix: str) -> tuple[str, str, str]:
+    """The side layers (see :class:`CandidateSpec`) of a BERT-style model whose embeddings and pooler sit
+    under ``embedding_prefix``: position table, token-type table, pooler."""
+    p = embedding_prefix
+    return f"{p}.embeddings.position_embeddings", f"{p}.embeddings.token_type_embeddings", f"{p}.pooler.dense"
 
 
 @dataclass(frozen=True)
@@ -236,16 +242,19 @@ class CandidateSpec:
         points, and the safetensors index and metadata, with an entry for every tensor (biases and norms
         too, whose values the caller adds). In a 1.8 MB 4-bit TT MiniLM the index is 58 KB and the step
         sizes 18 KB: counting values alone predicted 52.2x for a file of 49.5x."""
-        parts = [x.stored_tensors() for x in self.layers] + [self.unsearched_tensors()]
-        if self.embedding is not None:
-            parts.append(self.embedding.stored_tensors(embedding=True))
-        names = [n for part in parts for n in part[0]]
-        packed = [n for part in parts for n in part[1]]
-        scalars = sum(part[2] for part in parts)
+        names, packed, scalars = self.stored_tensors()
         values = self.weight_bytes() + 4 * scalars
         entry = INDEX_ENTRY_BYTES + 2 * len(str(values))  # the offsets are decimal byte positions
         index = sum(len(x) + entry for x in names) + sum(len(x) + LAYOUT_ENTRY_BYTES for x in packed)
         return values + index + METADATA_BYTES
+
+    def stored_tensors(self) -> tuple[list[str], list[str], int]:
+        """:meth:`LayerSpec.stored_tensors` of the whole saved model: every tensor's name, the packed ones
+        among them, and the count of fp32 quantizer values."""
+        parts = [x.stored_tensors() for x in self.layers] + [self.unsearched_tensors()]
+        if self.embedding is not None:
+            parts.append(self.embedding.stored_tensors(embedding=True))
+        return [n for part in parts for n in part[0]], [n for part in parts for n in part[1]], sum(p[2] for p in parts)
 
     def unsearched_tensors(self) -> tuple[tuple[str, ...], tuple[str, ...], int]:
         """:meth:`LayerSpec.stored_tensors` of what no site covers: biases, layer norms, the side weights
@@ -259,8 +268,7 @@ class CandidateSpec:
                   f"{root}.pooler.dense.bias", "classifier.weight", "classifier.bias"]
         if not self.side_params:
             return tuple(names), (), 0
-        side = [f"{root}.embeddings.position_embeddings", f"{root}.embeddings.token_type_embeddings",
-                f"{root}.pooler.dense"]
+        side = list(side_names(root))
         if self.side_bits == FLOAT_BITS:
             return tuple(names + [f"{x}.weight" for x in side]), (), 0
         packed = [f"{x}.weight_int" for x in side]
