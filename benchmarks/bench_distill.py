@@ -98,6 +98,8 @@ def main() -> None:
                    "batches: drop each word piece with this probability (0: the plain data). The teacher "
                    "labels what the student sees, so the distilling schedules learn from new soft targets "
                    "every epoch while finetune_only keeps the original label.")
+    p.add_argument("--learning-rate", type=float, default=DistillConfig.learning_rate,
+                   help="Peak learning rate of every schedule (default: DistillConfig's).")
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES,
                    help="Schedules to run (default: all).")
     args = p.parse_args()
@@ -130,7 +132,8 @@ def main() -> None:
         for method in args.schedules:
             student = copy.deepcopy(student0)
             config = DistillConfig(schedule=method, budget_minutes=minutes, max_steps=10**9,
-                                   eval_every_steps=25 if args.quick else 100, word_dropout=args.word_dropout)
+                                   eval_every_steps=25 if args.quick else 100, word_dropout=args.word_dropout,
+                                   learning_rate=args.learning_rate)
             t0 = time.perf_counter()
             result = distill(student, teacher.model, data, config, f"{tmp}/{method}")
             wall = time.perf_counter() - t0
@@ -149,7 +152,7 @@ def main() -> None:
                "student": info, "student_accuracy_before_training": untrained,
                "student_accuracy_tt_svd": svd_accuracy, "refit": refit, "budget_minutes": minutes,
                "best_method": best_overall, "gap_closed_by_best": closed, "word_dropout": args.word_dropout,
-               "targets": {"gap_closed_at_least": 0.5, "default_is_best": True},
+               "learning_rate": args.learning_rate, "targets": {"gap_closed_at_least": 0.5, "default_is_best": True},
                "met": {"gap_closed": closed >= 0.5, "default_is_best": best_overall == default}}
     table = markdown_table([{**r, "minutes": round(r["minutes"], 1)} for r in rows],
                            ["method", "test_accuracy", "validation_accuracy", "steps", "minutes"])
@@ -167,7 +170,7 @@ counted, left dense). Teacher ({args.teacher_dir or "the cached teacher"}) test 
 {teacher_accuracy:.3f}; the student from TT-SVD {svd_accuracy:.3f}{refit_text}, before training
 {untrained:.3f}. Each schedule: {minutes:g} minutes on the same
 data (batches grouped by length, `group_by_length={DistillConfig().group_by_length}`; word dropout
-{args.word_dropout:g}), {threads} threads; early
+{args.word_dropout:g}; peak learning rate {args.learning_rate:g}), {threads} threads; early
 stopping on {len(data.validation)} validation rows; best-validation weights scored
 on the test split.
 
