@@ -75,7 +75,7 @@ class RunConfig(BaseModel):
     distill_max_train_examples: int | None = Field(None, ge=2, description="Training examples used by "
                                                                            "distillation (None: all).")
     distill_schedule: Literal["progressive", "two_stage", "logits_kd", "finetune_only"] = Field(
-        "two_stage", description="Distillation schedule (docs/distillation.md); logits_kd suits short budgets.")
+        "logits_kd", description="Distillation schedule (docs/distillation.md); logits_kd measured best.")
     distill_batch_size: int = Field(32, ge=1, description="Distillation batch size.")
     refit_steps: int = Field(200, ge=0, description="Adam steps fitting each factorized (TT, low-rank) layer "
                              "to the teacher's outputs on calibration tokens before distillation (0: TT-SVD only).")

@@ -58,7 +58,7 @@ class DistillConfig:
     ``budget_minutes``; each stage gets its share of both and ends at whichever comes first.
     """
 
-    schedule: str = "two_stage"  # the best measured (benchmarks/bench_distill.py, bench_quant.py's TT row)
+    schedule: str = "logits_kd"  # the best measured (benchmarks/bench_distill.py at lr 4e-4, docs/distillation.md)
     budget_minutes: float | None = None
     max_steps: int | None = None
     epochs: float = 3.0
