@@ -176,6 +176,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=None, help="Labelled data file instead of rotten-tomatoes.")
     p.add_argument("--train-examples", type=int, default=None, help="Training examples used for distillation "
                    "(default: preset; 0: all of them).")
+    p.add_argument("--learning-rate", type=float, default=None, help="Peak distillation learning rate "
+                   "(default: RunConfig's distill_learning_rate).")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {"teacher_epochs": 3, "threads": args.threads}
@@ -190,6 +192,8 @@ def main() -> None:
         overrides["budget_minutes"] = args.minutes
     if args.train_examples is not None:
         overrides["distill_max_train_examples"] = args.train_examples or None
+    if args.learning_rate is not None:
+        overrides["distill_learning_rate"] = args.learning_rate
     results = {name: run_one(name, overrides, args.work, log=print) for name in args.runs}
     time_side_by_side(results, rounds=4 if args.quick else 8, log=print)
     first = next(iter(results.values()))

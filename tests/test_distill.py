@@ -353,3 +353,10 @@ def test_two_stage_trains_a_quantized_tt_student_cores_and_scales(setup, tmp_pat
     moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert any("cores" in n and "word_embeddings" in n for n in moved)
     assert any("core_quant" in n for n in moved)
+
+
+def test_the_run_config_and_the_distiller_share_one_default_schedule():
+    """config.py stays free of torch imports, so it repeats the default; this keeps the two in step."""
+    from fitformer.config import RunConfig
+
+    assert RunConfig.model_fields["distill_schedule"].default == DistillConfig().schedule

@@ -7,10 +7,12 @@ import torch
 
 from fitformer.compress import apply_plan
 from fitformer.hardware import get_device
+from fitformer.layers.tensorize import balanced_modes
 from fitformer.models import load_classifier
 from fitformer.search import DesignSpace, EncoderShape, SpaceConfig
 from fitformer.search.cost import AnalyticCost, device_limits, spec_to_plan
-from fitformer.search.proxy import KDProxy, WeightErrorProxy
+from fitformer.search.proxy import KDProxy, WeightErrorProxy, _rel_quant_error
+from fitformer.search.space import LayerSpec
 
 
 def test_candidates_build_and_proxies_rank_the_dense_model_first(tiny_model_dir):
@@ -36,3 +38,23 @@ def test_candidates_build_and_proxies_rank_the_dense_model_first(tiny_model_dir)
         assert kd(spec)["proxy_loss"] >= 0.0 and 0.0 < weights(spec)["proxy_loss"] <= 1.0
     cost = AnalyticCost(get_device("raspberry-pi-4"), shape, (1, 16))
     assert cost(dense)["latency_ms"] > 0 and device_limits(get_device("raspberry-pi-4")).bits[0] == 32
+
+
+def test_weight_proxy_scores_a_quantized_tt_layer_on_its_rounded_cores(tiny_model_dir):
+    """4-bit cores lose more than 8-bit ones, which lose more than float ones; at full rank the float TT is
+    exact and the rounded one is not, and the 4-bit TT's error exceeds the dense weight's 4-bit rounding."""
+    net, _ = load_classifier(tiny_model_dir, num_labels=2)
+    shape = EncoderShape.from_config(net.config)
+    proxy = WeightErrorProxy.from_model(net, shape)
+    name, weight = next((n, w) for n, w in proxy.weights.items() if n.startswith(shape.prefix))
+    out_features, in_features = weight.shape
+    in_modes, out_modes = balanced_modes(in_features, 2), balanced_modes(out_features, 2)
+    full_rank = min(in_modes[0] * out_modes[0], in_modes[1] * out_modes[1])
+
+    def error(bits: int, rank: int) -> float:
+        layer = LayerSpec(name, in_features, out_features, "tt", rank, in_modes, out_modes, bits)
+        return proxy._factor_error(layer, weight)
+
+    assert error(32, full_rank) < 1e-10 < error(8, full_rank) < error(4, full_rank)
+    assert error(32, 2) < error(8, 2) < error(4, 2) <= 1.0 + error(32, 2)
+    assert error(4, full_rank) > _rel_quant_error(weight, 4)

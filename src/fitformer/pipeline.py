@@ -288,7 +288,8 @@ class Pipeline:
         refits = c.refit_steps > 0 and any(isinstance(m, (*FACTORIZED, TTEmbedding)) for m in student.modules())
         data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)
         config = DistillConfig(schedule=c.distill_schedule, budget_minutes=(1 - REFIT_SHARE) * share if refits
-                               else share, batch_size=c.distill_batch_size, seed=c.seed)
+                               else share, batch_size=c.distill_batch_size, learning_rate=c.distill_learning_rate,
+                               seed=c.seed)
         return distill(student, self.teacher.model, data, config, self.run.file(out))
 
     def _uniform_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
