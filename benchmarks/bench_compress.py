@@ -178,6 +178,8 @@ def main() -> None:
                    "(default: preset; 0: all of them).")
     p.add_argument("--learning-rate", type=float, default=None, help="Peak distillation learning rate "
                    "(default: RunConfig's distill_learning_rate).")
+    p.add_argument("--epochs", type=float, default=None, help="Most distillation epochs per candidate (default: "
+                   "RunConfig's distill_epochs); raise it so that --minutes, not the epochs, ends distillation.")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {"teacher_epochs": 3, "threads": args.threads}
@@ -192,6 +194,8 @@ def main() -> None:
         overrides["budget_minutes"] = args.minutes
     if args.train_examples is not None:
         overrides["distill_max_train_examples"] = args.train_examples or None
+    if args.epochs is not None:
+        overrides["distill_epochs"] = args.epochs
     if args.learning_rate is not None:
         overrides["distill_learning_rate"] = args.learning_rate
     results = {name: run_one(name, overrides, args.work, log=print) for name in args.runs}

@@ -51,6 +51,8 @@ def test_run_directory_report_and_summary(finished_run):
                   "baseline-uniform", "export", "report"):
         assert stage in manifest["stages"], stage
     assert sum(s.startswith("distill-") for s in manifest["stages"]) == 2
+    trained = sorted((run / "distill").iterdir())  # the candidates and the uniform baseline
+    assert len(trained) == 3 and all(json.loads((t / "build.json").read_text())["seconds"] > 0 for t in trained)
     summary = json.loads((run / "summary.json").read_text())
     chosen = summary["chosen"]
     assert summary["status"] == "chosen" and chosen["key"] in summary["candidates"]

@@ -77,6 +77,8 @@ class RunConfig(BaseModel):
     distill_schedule: Literal["progressive", "two_stage", "logits_kd", "finetune_only"] = Field(
         "logits_kd", description="Distillation schedule (docs/distillation.md); logits_kd measured best.")
     distill_batch_size: int = Field(32, ge=1, description="Distillation batch size.")
+    distill_epochs: float = Field(3.0, gt=0, description="Most passes over the training data per candidate; "
+                                  "distillation ends there or at its share of the budget, whichever is first.")
     distill_learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak AdamW learning rate of "
                                          "distillation; 4e-4 measured better for float TT students "
                                          "(bench_distill) but collapses 4-bit QAT TT ones (docs/distillation.md).")

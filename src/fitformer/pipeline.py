@@ -16,6 +16,7 @@ import copy
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -275,21 +276,23 @@ class Pipeline:
 
     def _train(self, cand: dict[str, Any], out: str):
         """Build, refit and distil one candidate's student into ``RUN/out`` within its share of the budget: the
-        refit may use up to ``REFIT_SHARE`` of it, distillation the rest, or all of it when nothing is refit (a
-        figure fixed by the plan, not what the refit left, so a resumed distillation sees the settings it
-        started with)."""
-        from .compress.refit import FACTORIZED
-        from .layers import TTEmbedding
+        refit may use up to ``REFIT_SHARE`` of it and distillation gets what the first build left (its time is
+        kept in ``RUN/out/build.json``, so a resumed distillation sees the budget it started with)."""
         from .train import DistillConfig, DistillData, distill
 
         c = self.config
         share = c.budget_minutes / len(read_json(self.run.file("candidates.json")))  # those picked, not asked
+        started = time.perf_counter()
         student = self._student(cand, None, refit_seconds=60 * REFIT_SHARE * share)
-        refits = c.refit_steps > 0 and any(isinstance(m, (*FACTORIZED, TTEmbedding)) for m in student.modules())
+        build = self.run.file(out) / "build.json"
+        if not build.exists():
+            build.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(build, {"seconds": time.perf_counter() - started})
+        build_minutes = min(read_json(build)["seconds"] / 60, REFIT_SHARE * share)
         data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)
-        config = DistillConfig(schedule=c.distill_schedule, budget_minutes=(1 - REFIT_SHARE) * share if refits
-                               else share, batch_size=c.distill_batch_size, learning_rate=c.distill_learning_rate,
-                               seed=c.seed)
+        config = DistillConfig(schedule=c.distill_schedule, budget_minutes=share - build_minutes,
+                               epochs=c.distill_epochs, batch_size=c.distill_batch_size,
+                               learning_rate=c.distill_learning_rate, seed=c.seed)
         return distill(student, self.teacher.model, data, config, self.run.file(out))
 
     def _uniform_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:
