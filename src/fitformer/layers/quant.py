@@ -372,6 +372,16 @@ class QuantEmbedding(QuantModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, frozen={self.frozen}"
 
 
+def core_quantizers(cores: list[torch.Tensor], bits: int, symmetric: bool, per_channel: bool) -> nn.ModuleList:
+    """One weight quantizer per TT core (per bond channel when ``per_channel``, see :func:`core_channel_axis`),
+    its step size fitted to the core: how a quantized TT layer, and the search's proxy, round cores."""
+    quantizers = nn.ModuleList(LSQQuantizer(bits, symmetric, per_channel, core_channel_axis(k, len(cores)), c.shape)
+                               for k, c in enumerate(cores))
+    for q, c in zip(quantizers, cores, strict=True):
+        q.init_from(c)
+    return quantizers
+
+
 def core_channel_axis(k: int, num_cores: int) -> int:
     """The axis of TT core ``k`` (shape ``(r_{k-1}, i_k, o_k, r_k)``) that gets one step size per index: its
     outgoing bond, or its incoming one for the last core (whose outgoing bond has size 1).
@@ -407,11 +417,7 @@ class _QuantTT(QuantModule):
         ``intermediates`` is False."""
         out = copy.deepcopy(layer)
         out.__class__ = cls
-        out.core_quant = nn.ModuleList(
-            LSQQuantizer(weight_bits, symmetric, per_channel, core_channel_axis(k, len(out.cores)), c.shape)
-            for k, c in enumerate(out.cores))
-        for q, c in zip(out.core_quant, out.cores, strict=True):
-            q.init_from(c)
+        out.core_quant = core_quantizers(list(out.cores), weight_bits, symmetric, per_channel)
         act = None if act_bits is None else LSQQuantizer(act_bits, act_symmetric, activation=True)
         out.intermediate_quant = act if intermediates else None
         out.input_quant = copy.deepcopy(act) if cls.quantizes_input else None

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..compress import apply_plan
 from ..compress.quant import QuantPlan
-from ..layers.quant import LSQQuantizer, core_channel_axis
+from ..layers.quant import core_quantizers
 from ..layers.tt import merge_cores, tt_svd
 from .cost import spec_to_plan
 from .space import EMBEDDING_NAME, CandidateSpec, EncoderShape, LayerSpec
@@ -63,13 +63,10 @@ def _rel_tt_error(matrix: torch.Tensor, in_modes: tuple[int, ...], out_modes: tu
     if bits >= 32:
         return err**2
     plan = QuantPlan(weight_bits=bits)
-    rounded = []
-    for k, core in enumerate(cores):
-        quantizer = LSQQuantizer(bits, plan.symmetric, plan.per_channel, core_channel_axis(k, len(cores)),
-                                 core.shape)
-        quantizer.init_from(core)
-        with torch.no_grad():
-            rounded.append(quantizer(core.float()).double())
+    cores = [c.float() for c in cores]
+    with torch.no_grad():
+        rounded = [q(c).double() for q, c in zip(core_quantizers(cores, bits, plan.symmetric, plan.per_channel),
+                                                  cores, strict=True)]
     rebuilt = merge_cores(rounded).reshape(matrix.shape).to(matrix.dtype)
     return float(((rebuilt - matrix) ** 2).sum() / (matrix**2).sum().clamp_min(1e-30))
 
