@@ -180,6 +180,8 @@ def main() -> None:
                    "(default: RunConfig's distill_learning_rate).")
     p.add_argument("--epochs", type=float, default=None, help="Most distillation epochs per candidate (default: "
                    "RunConfig's distill_epochs); raise it so that --minutes, not the epochs, ends distillation.")
+    p.add_argument("--schedule", default=None, help="Distillation schedule, as RunConfig's distill_schedule "
+                   "(default: the preset's; docs/distillation.md).")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {"teacher_epochs": 3, "threads": args.threads}
@@ -198,6 +200,8 @@ def main() -> None:
         overrides["distill_epochs"] = args.epochs
     if args.learning_rate is not None:
         overrides["distill_learning_rate"] = args.learning_rate
+    if args.schedule is not None:
+        overrides["distill_schedule"] = args.schedule
     results = {name: run_one(name, overrides, args.work, log=print) for name in args.runs}
     time_side_by_side(results, rounds=4 if args.quick else 8, log=print)
     first = next(iter(results.values()))

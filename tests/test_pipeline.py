@@ -153,6 +153,21 @@ def test_choose_picks_lowest_objective_within_drop_and_names_closest_otherwise()
     assert key is None and "aaa" in reason and "0.50 points" in reason  # baselines are never chosen
 
 
+def test_summary_of_an_infeasible_run_says_why(tmp_path):
+    from fitformer.pipeline import build_summary
+    from fitformer.rundir import RunDir
+
+    def row(acc):
+        return {"runtime": "pytorch", "test_accuracy": acc, "latency_ms_b1": 1.0, "latency_ms_b32": 9.0,
+                "size_bytes": 100, "model_bytes": 100, "predicted_ms_b1": 1.0, "predicted_ms_b32": 9.0,
+                "modelled": {"raspberry-pi-4": {"edp_mjs": 1.0, "latency_ms": 1.0}}}
+
+    config = RunConfig(devices=["raspberry-pi-4"], max_accuracy_drop=1.0)
+    summary = build_summary(config, {"teacher": row(0.9), "aaa": row(0.8)}, None, RunDir(tmp_path / "run"))
+    assert summary["status"] == "infeasible" and summary["chosen"] is None
+    assert "aaa" in summary["reason"] and "10.00 points" in summary["reason"]
+
+
 def test_ladder_walks_down_the_front_then_fills():
     from fitformer.pipeline import ladder
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fitformer.compress import apply_plan
+from fitformer.errors import UserError
 from fitformer.hardware import get_device
 from fitformer.layers.tensorize import balanced_modes
 from fitformer.models import load_classifier
 from fitformer.search import DesignSpace, EncoderShape, SpaceConfig
 from fitformer.search.cost import AnalyticCost, device_limits, spec_to_plan
 from fitformer.search.proxy import KDProxy, WeightErrorProxy, _rel_quant_error
-from fitformer.search.space import LayerSpec
+from fitformer.search.space import EMBEDDING_NAME, LayerSpec
 
 
 def test_candidates_build_and_proxies_rank_the_dense_model_first(tiny_model_dir):
@@ -58,3 +60,29 @@ def test_weight_proxy_scores_a_quantized_tt_layer_on_its_rounded_cores(tiny_mode
     assert error(32, full_rank) < 1e-10 < error(8, full_rank) < error(4, full_rank)
     assert error(32, 2) < error(8, 2) < error(4, 2) <= 1.0 + error(32, 2)
     assert error(4, full_rank) > _rel_quant_error(weight, 4)
+
+
+def test_weight_proxy_weights_the_embedding_by_token_counts(tiny_model_dir):
+    """With token counts, rows the task never uses do not count: two embeddings equal on the used rows
+    score the same whatever the unused rows hold (and differ without counts); equal counts change nothing;
+    counts of the wrong length are a user error."""
+    net, _ = load_classifier(tiny_model_dir, num_labels=2)
+    shape = EncoderShape.from_config(net.config)
+    table = net.bert.embeddings.word_embeddings.weight
+    vocab, hidden = table.shape
+    counts = torch.zeros(vocab, dtype=torch.long)
+    counts[: vocab // 3] = torch.randint(1, 50, (vocab // 3,), generator=torch.Generator().manual_seed(0))
+    in_modes, out_modes = balanced_modes(vocab, 2), balanced_modes(hidden, 2)
+    spec = LayerSpec(f"bert.{EMBEDDING_NAME}", vocab, hidden, "tt", 2, in_modes, out_modes, 4)
+
+    def error(model, token_counts=None) -> float:
+        return WeightErrorProxy.from_model(model, shape, token_counts)._layer_error(spec)
+
+    noisy, _ = load_classifier(tiny_model_dir, num_labels=2)
+    with torch.no_grad():
+        noisy.bert.embeddings.word_embeddings.weight[vocab // 3:] *= 50.0
+    assert abs(error(net, counts) - error(noisy, counts)) < 1e-6
+    assert abs(error(net) - error(noisy)) > 1e-3
+    assert abs(error(net, torch.full((vocab,), 7)) - error(net)) < 1e-6
+    with pytest.raises(UserError, match="token_counts"):
+        error(net, counts[:-1])

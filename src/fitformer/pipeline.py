@@ -160,7 +160,8 @@ class Pipeline:
                                    sparsities=tuple(c.sparsities))
         space = DesignSpace(shape, space_config, device_limits(spec))
         cost = AnalyticCost(spec, shape, (c.latency_batch, c.seq_len))
-        evaluator = CombinedEvaluator(cost, WeightErrorProxy.from_model(self.teacher.model, shape))
+        counts = self.teacher.encoded("train").token_counts(self.teacher.model.config.vocab_size)
+        evaluator = CombinedEvaluator(cost, WeightErrorProxy.from_model(self.teacher.model, shape, counts))
         problem = Problem(space, cost, evaluator, objectives=("proxy_loss", c.objective_metric),
                           limits={"size_bytes": spec.dram_bytes.value})
         slug = _device_slug(device)
@@ -614,6 +615,8 @@ def build_summary(config: RunConfig, evaluation: dict[str, Any], key: str | None
         summary["chosen"] = chosen
         summary["export"] = run.result("export") if run.is_done("export") else None
         summary["constraints"] = constraint_rows(config, chosen)
+    else:
+        summary["reason"] = choose(evaluation, config)[1]
     return summary
 
 

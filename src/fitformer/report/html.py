@@ -118,8 +118,8 @@ def write_report(path: Path, config, summary: dict[str, Any], fronts: dict[str, 
                             [[c["name"], c["limit"], c["value"], c["unit"], "yes" if c["met"] else "NO"]
                              for c in summary["constraints"]]))
     else:
-        parts.append(f"<p class='bad'>No candidate keeps the accuracy drop within {config.max_accuracy_drop} "
-                     "points; the fronts below are kept.</p>")
+        reason = summary.get("reason") or f"no candidate keeps max_accuracy_drop {config.max_accuracy_drop:g} points"
+        parts.append(f"<p class='bad'>{html.escape(reason[0].upper() + reason[1:])}.</p>")
     primary = config.devices[0]
     rows = []
     for k, row in evaluation.items():

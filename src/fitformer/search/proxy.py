@@ -11,8 +11,13 @@
   of N:M magnitude pruning, each measured once on the real weights and cached — averaged over the layers.
   A quantized TT layer is scored on its rounded *cores* (rebuilt and compared with the full weight), since
   that is what it stores: the dense weight's rounding error (about 0.01 at 4 bits) says nothing about
-  4-bit cores, whose per-core errors multiply through the train. Milliseconds per candidate once its cache
-  is warm.
+  4-bit cores, whose per-core errors multiply through the train. Given the task's token counts, the word
+  embedding's error is weighted by how often each row is used (rows scaled by the square root of their
+  count before factorising and rounding), as the data-aware refit fits it: unweighted, MiniLM's 30522 x 384
+  table has TT-SVD error 0.957 at rank 32 and 0.881 at rank 64, too close to tell the two apart, where
+  weighted by rotten-tomatoes' tokens it is 0.668 and 0.531 (the refit reaches 0.557 at rank 64), and an
+  8-minute distillation of the rank-64 embedding beat the rank-32 one by 4.7 validation points at equal
+  file size. Milliseconds per candidate once its cache is warm.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 
 from ..compress import apply_plan
 from ..compress.quant import QuantPlan
+from ..errors import UserError
 from ..layers.quant import core_quantizers
 from ..layers.tt import merge_cores, tt_svd
 from .cost import spec_to_plan
@@ -78,14 +84,29 @@ class WeightErrorProxy:
 
     weights: dict[str, torch.Tensor]
     shape: EncoderShape
+    token_counts: torch.Tensor | None = None  # per vocabulary row: weights the word embedding's error
     _cache: dict[tuple, float] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.token_counts is None:
+            return
+        counts = self.token_counts.detach().double().flatten()
+        name = next((n for n in self.weights if n.endswith(EMBEDDING_NAME)), None)
+        if name is None or counts.sum() <= 0:
+            return
+        rows = self.weights[name]
+        if counts.numel() != rows.shape[0]:
+            raise UserError(f"token_counts has {counts.numel()} entries but the word embedding has "
+                            f"{rows.shape[0]} rows; count the tokens with the model's own vocabulary size")
+        self.weights = {**self.weights, name: (rows.double() * counts.sqrt()[:, None]).to(rows.dtype)}
+
     @classmethod
-    def from_model(cls, model: nn.Module, shape: EncoderShape) -> WeightErrorProxy:
+    def from_model(cls, model: nn.Module, shape: EncoderShape,
+                   token_counts: torch.Tensor | None = None) -> WeightErrorProxy:
         weights = {name: m.weight.detach().float().clone() for name, m in model.named_modules()
                    if isinstance(m, (nn.Linear, nn.Embedding)) and (name.startswith(shape.prefix)
                                                                     or name.endswith(EMBEDDING_NAME))}
-        return cls(weights, shape)
+        return cls(weights, shape, token_counts)
 
     def __call__(self, spec: CandidateSpec) -> dict[str, float]:
         names = [n for n in self._all_site_names()
