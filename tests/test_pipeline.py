@@ -53,6 +53,11 @@ def test_run_directory_report_and_summary(finished_run):
     assert sum(s.startswith("distill-") for s in manifest["stages"]) == 2
     trained = sorted((run / "distill").iterdir())  # the candidates and the uniform baseline
     assert len(trained) == 3 and all(json.loads((t / "build.json").read_text())["seconds"] > 0 for t in trained)
+    searches = [json.loads((run / "search" / f"{d}.json").read_text())
+                for d in ("laptop-i7-1185g7", "raspberry-pi-4")]
+    sensitivity = searches[0]["sensitivity"]  # measured once, shared by both devices' searches
+    assert sensitivity == searches[1]["sensitivity"] and all(v >= 0 for v in sensitivity.values())
+    assert any(n.endswith("word_embeddings") for n in sensitivity) and len(sensitivity) > 4
     summary = json.loads((run / "summary.json").read_text())
     chosen = summary["chosen"]
     assert summary["status"] == "chosen" and chosen["key"] in summary["candidates"]

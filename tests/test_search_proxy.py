@@ -13,7 +13,7 @@ from fitformer.layers.tensorize import balanced_modes
 from fitformer.models import load_classifier
 from fitformer.search import DesignSpace, EncoderShape, SpaceConfig
 from fitformer.search.cost import AnalyticCost, device_limits, spec_to_plan
-from fitformer.search.proxy import KDProxy, WeightErrorProxy, _rel_quant_error
+from fitformer.search.proxy import KDProxy, WeightErrorProxy, _rel_quant_error, site_sensitivity
 from fitformer.search.space import EMBEDDING_NAME, LayerSpec
 
 
@@ -86,3 +86,50 @@ def test_weight_proxy_weights_the_embedding_by_token_counts(tiny_model_dir):
     assert abs(error(net, torch.full((vocab,), 7)) - error(net)) < 1e-6
     with pytest.raises(UserError, match="token_counts"):
         error(net, counts[:-1])
+
+
+def _calibration_batches(net, count: int = 16) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(5, net.config.vocab_size, (count, 12), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(count) % 2}]
+
+
+def test_site_sensitivity_is_first_order_and_leaves_the_model_as_it_was(tiny_model_dir):
+    """Per unit of error, the loss of a small perturbation barely depends on its size (the first-order
+    regime the weighted proxy relies on); the weights are restored bit for bit; the same seed repeats."""
+    net, _ = load_classifier(tiny_model_dir, num_labels=2)
+    shape = EncoderShape.from_config(net.config)
+    names = [n for n in WeightErrorProxy.from_model(net, shape).weights]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = _calibration_batches(net)
+    small = site_sensitivity(net, names, batches, relative_error=0.01)
+    large = site_sensitivity(net, names, batches, relative_error=0.04)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert small == site_sensitivity(net, names, batches, relative_error=0.01)
+    assert all(v > 0 for v in small.values()), small
+    ratios = [large[n] / small[n] for n in names]
+    assert min(ratios) > 0.7 and max(ratios) < 1.4, ratios
+    with pytest.raises(UserError, match="no layer named"):
+        site_sensitivity(net, ["bert.nothing"], batches)
+
+
+def test_weight_proxy_is_the_sensitivity_weighted_mean(tiny_model_dir):
+    """All weight on one layer: the proxy is that layer's error; equal weights: the plain mean; measured
+    weights: between the layers' smallest and largest error, and different from the plain mean."""
+    net, _ = load_classifier(tiny_model_dir, num_labels=2)
+    shape = EncoderShape.from_config(net.config)
+    space = DesignSpace(shape, SpaceConfig(depths=(2,), heads=(4,), ffn_sizes=(64,), ranks=(2,), tt_cores=2,
+                                           max_tt_shapes=1, formats=("lowrank",), bits=(4,), embedding=False))
+    spec = space.decode(space.most_compressed())
+    plain = WeightErrorProxy.from_model(net, shape)
+    names = [x.name for x in spec.layers]
+    errors = {n: plain._layer_error(x) for n, x in zip(names, spec.layers, strict=True)}
+    one = WeightErrorProxy(plain.weights, shape, sensitivity={n: float(n == names[0]) for n in plain.weights})
+    assert one(spec)["proxy_loss"] == pytest.approx(errors[names[0]])
+    even = WeightErrorProxy(plain.weights, shape, sensitivity=dict.fromkeys(plain.weights, 3.0))
+    assert even(spec)["proxy_loss"] == pytest.approx(plain(spec)["proxy_loss"])
+    measured = WeightErrorProxy.from_model(net, shape, batches=_calibration_batches(net))
+    assert set(measured.sensitivity) == set(plain.weights)
+    assert min(errors.values()) <= measured(spec)["proxy_loss"] <= max(errors.values())
+    assert measured(spec)["proxy_loss"] != pytest.approx(plain(spec)["proxy_loss"], rel=1e-6)
+    with pytest.raises(UserError, match="sensitivity"):
+        WeightErrorProxy(plain.weights, shape, sensitivity=dict.fromkeys(plain.weights, 0.0))

@@ -81,6 +81,7 @@ class Pipeline:
         self.run = RunDir(config.out, config=identity)
         self._teacher = None
         self._dataset = dataset
+        self._sensitivity_cache: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ shared pieces
     @property
@@ -160,8 +161,10 @@ class Pipeline:
                                    sparsities=tuple(c.sparsities))
         space = DesignSpace(shape, space_config, device_limits(spec))
         cost = AnalyticCost(spec, shape, (c.latency_batch, c.seq_len))
-        counts = self.teacher.encoded("train").token_counts(self.teacher.model.config.vocab_size)
-        evaluator = CombinedEvaluator(cost, WeightErrorProxy.from_model(self.teacher.model, shape, counts))
+        train = self.teacher.encoded("train")
+        counts = train.token_counts(self.teacher.model.config.vocab_size)
+        proxy = WeightErrorProxy(self._proxy_weights(), shape, counts, self._sensitivity())
+        evaluator = CombinedEvaluator(cost, proxy)
         problem = Problem(space, cost, evaluator, objectives=("proxy_loss", c.objective_metric),
                           limits={"size_bytes": spec.dram_bytes.value})
         slug = _device_slug(device)
@@ -177,11 +180,32 @@ class Pipeline:
         history = [{**x.to_dict(), "front": x.key in on_front,
                     "model_bytes": x.metrics["size_bytes"] + rest} for x in result.history]
         out = {"device": device, "objectives": list(problem.objectives), "rest_bytes": rest,
+               "sensitivity": proxy.sensitivity,
                "teacher": {**cost(teacher_spec), "proxy_loss": 0.0, "model_bytes": teacher_spec.file_bytes() + rest,
                            "spec": teacher_spec.to_dict()},
                "history": history, "front": [h for h in history if h["front"]]}
         write_json_atomic(run.file(f"search/{slug}.json"), out)
         return {"device": device, "evaluated": len(history), "front": len(out["front"])}, [f"search/{slug}.json"]
+
+    def _proxy_weights(self) -> dict[str, torch.Tensor]:
+        from .search.proxy import WeightErrorProxy
+
+        return WeightErrorProxy.from_model(self.teacher.model, self._shape()).weights
+
+    def _sensitivity(self) -> dict[str, float] | None:
+        """Each layer's sensitivity on the first ``sensitivity_examples`` training rows (once per run: every
+        device's search weighs the layers alike)."""
+        from .search.proxy import site_sensitivity
+
+        n = min(self.config.sensitivity_examples, len(self.teacher.encoded("train")))
+        if n == 0:
+            return None
+        if self._sensitivity_cache is None:
+            self.log(f"measuring each layer's sensitivity on {n} training examples")
+            batches = list(self.teacher.encoded("train").select(range(n)).batches(32))
+            self._sensitivity_cache = site_sensitivity(self.teacher.model, list(self._proxy_weights()), batches,
+                                                       seed=self.config.seed)
+        return self._sensitivity_cache
 
     def _modelled(self, spec_dict: dict[str, Any]) -> dict[str, dict[str, float]]:
         """Modelled cost of a candidate on every target device (cheap)."""
