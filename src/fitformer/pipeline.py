@@ -81,7 +81,7 @@ class Pipeline:
         self.run = RunDir(config.out, config=identity)
         self._teacher = None
         self._dataset = dataset
-        self._sensitivity_cache: dict[str, float] | None = None
+        self._weight_proxy = None
 
     # ------------------------------------------------------------------ shared pieces
     @property
@@ -148,7 +148,7 @@ class Pipeline:
         from .hardware import get_device
         from .search import DesignSpace, NSGA2Config, Problem, RunStore, Session, SpaceConfig, nsga2
         from .search.cost import AnalyticCost, device_limits
-        from .search.proxy import CombinedEvaluator, WeightErrorProxy
+        from .search.proxy import CombinedEvaluator
 
         c = self.config
         spec = get_device(device)
@@ -161,9 +161,7 @@ class Pipeline:
                                    sparsities=tuple(c.sparsities))
         space = DesignSpace(shape, space_config, device_limits(spec))
         cost = AnalyticCost(spec, shape, (c.latency_batch, c.seq_len))
-        train = self.teacher.encoded("train")
-        counts = train.token_counts(self.teacher.model.config.vocab_size)
-        proxy = WeightErrorProxy(self._proxy_weights(), shape, counts, self._sensitivity())
+        proxy = self._proxy()
         evaluator = CombinedEvaluator(cost, proxy)
         problem = Problem(space, cost, evaluator, objectives=("proxy_loss", c.objective_metric),
                           limits={"size_bytes": spec.dram_bytes.value})
@@ -187,25 +185,21 @@ class Pipeline:
         write_json_atomic(run.file(f"search/{slug}.json"), out)
         return {"device": device, "evaluated": len(history), "front": len(out["front"])}, [f"search/{slug}.json"]
 
-    def _proxy_weights(self) -> dict[str, torch.Tensor]:
+    def _proxy(self):
+        """The search's weight-error proxy: token-count weighted embedding, layers weighted by their sensitivity
+        on the first ``sensitivity_examples`` training rows. Built once per run, so every device's search
+        weighs the layers alike and shares the proxy's cache."""
         from .search.proxy import WeightErrorProxy
 
-        return WeightErrorProxy.from_model(self.teacher.model, self._shape()).weights
-
-    def _sensitivity(self) -> dict[str, float] | None:
-        """Each layer's sensitivity on the first ``sensitivity_examples`` training rows (once per run: every
-        device's search weighs the layers alike)."""
-        from .search.proxy import site_sensitivity
-
-        n = min(self.config.sensitivity_examples, len(self.teacher.encoded("train")))
-        if n == 0:
-            return None
-        if self._sensitivity_cache is None:
-            self.log(f"measuring each layer's sensitivity on {n} training examples")
-            batches = list(self.teacher.encoded("train").select(range(n)).batches(32))
-            self._sensitivity_cache = site_sensitivity(self.teacher.model, list(self._proxy_weights()), batches,
-                                                       seed=self.config.seed)
-        return self._sensitivity_cache
+        if self._weight_proxy is None:
+            train = self.teacher.encoded("train")
+            n = min(self.config.sensitivity_examples, len(train))
+            if n:
+                self.log(f"measuring each layer's sensitivity on {n} training examples")
+            self._weight_proxy = WeightErrorProxy.from_model(
+                self.teacher.model, self._shape(), train.token_counts(self.teacher.model.config.vocab_size),
+                batches=list(train.select(range(n)).batches(32)) if n else None, seed=self.config.seed)
+        return self._weight_proxy
 
     def _modelled(self, spec_dict: dict[str, Any]) -> dict[str, dict[str, float]]:
         """Modelled cost of a candidate on every target device (cheap)."""

@@ -152,12 +152,14 @@ class WeightErrorProxy:
     token_counts: torch.Tensor | None = None  # per vocabulary row: weights the word embedding's error
     sensitivity: dict[str, float] | None = None
     _cache: dict[tuple, float] = field(default_factory=dict, repr=False)
+    _site_weight: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.sensitivity is not None:
             bad = [n for n, v in self.sensitivity.items() if not (math.isfinite(v) and v >= 0)]
             if bad or not any(self.sensitivity.values()):
                 raise UserError(f"sensitivity needs finite non-negative values, not all zero (bad: {bad[:1]})")
+        self._site_weight = self._site_weights()
         if self.token_counts is None:
             return
         counts = self.token_counts.detach().double().flatten()
@@ -172,19 +174,20 @@ class WeightErrorProxy:
 
     @classmethod
     def from_model(cls, model: nn.Module, shape: EncoderShape, token_counts: torch.Tensor | None = None,
-                   batches: Sequence[dict[str, torch.Tensor]] | None = None) -> WeightErrorProxy:
-        """The proxy of ``model``'s layers; with calibration ``batches``, weighted by :func:`site_sensitivity`."""
+                   batches: Sequence[dict[str, torch.Tensor]] | None = None, seed: int = 0) -> WeightErrorProxy:
+        """The proxy of ``model``'s layers; with calibration ``batches``, weighted by :func:`site_sensitivity`
+        (noise drawn with ``seed``)."""
         weights = {name: m.weight.detach().float().clone() for name, m in model.named_modules()
                    if isinstance(m, (nn.Linear, nn.Embedding)) and (name.startswith(shape.prefix)
                                                                     or name.endswith(EMBEDDING_NAME))}
-        sensitivity = site_sensitivity(model, list(weights), batches) if batches else None
+        sensitivity = site_sensitivity(model, list(weights), batches, seed=seed) if batches else None
         return cls(weights, shape, token_counts, sensitivity)
 
     def __call__(self, spec: CandidateSpec) -> dict[str, float]:
         names = [n for n in self._all_site_names()
                  if not n.endswith(EMBEDDING_NAME) or spec.embedding is not None]  # embedding only if searched
         present = {x.name: x for x in spec.all_layers()}
-        weight = self._site_weights()
+        weight = self._site_weight
         total = sum(weight[n] * (self._layer_error(present[n]) if n in present else 1.0) for n in names)
         return {"proxy_loss": total / max(sum(weight[n] for n in names), 1e-300)}
 
