@@ -26,9 +26,10 @@ def test_round_trip_and_predict(tmp_path, tiny_model_dir, sentiment_data):
 
 
 def test_quantized_sub_network_is_saved_packed_and_reloads_bit_identical(tmp_path, tiny_model_dir, sentiment_data):
-    """A frozen w8a8/w4a8 sub-network is stored with packed integer weights (smaller than its float twin)
-    and loads back with identical logits."""
+    """A frozen w8a8/w4a8 sub-network with a trimmed 8-bit position table is stored with packed integer
+    weights (smaller than its float twin) and loads back with identical logits."""
     from fitformer.compress import apply_plan
+    from fitformer.compress.positions import PositionTrimPlan
     from fitformer.compress.quant import QuantPlan, freeze
     from fitformer.compress.subnet import SubnetPlan
     from fitformer.export.model import WEIGHTS_FILE
@@ -38,9 +39,11 @@ def test_quantized_sub_network_is_saved_packed_and_reloads_bit_identical(tmp_pat
     layers = model.config.num_hidden_layers
     plan = CompressionPlan(
         layers={"*.intermediate.dense": [QuantPlan(weight_bits=4, act_bits=8)],
-                "*.attention.self.query": [QuantPlan(weight_bits=8, act_bits=8)]},
+                "*.attention.self.query": [QuantPlan(weight_bits=8, act_bits=8)],
+                "bert.embeddings.position_embeddings": [QuantPlan(weight_bits=8, act_bits=None)]},
         model_steps=[SubnetPlan(hidden=model.config.hidden_size, heads=(heads,) * (layers - 1),
-                                ffn=(model.config.intermediate_size // 2,) * (layers - 1))])
+                                ffn=(model.config.intermediate_size // 2,) * (layers - 1)),
+                     PositionTrimPlan(rows=32)])
     student = apply_plan(model, plan)
     data = encode(tokenizer, sentiment_data, 32)
     predict_logits(student, data)  # initialises the activation step sizes
@@ -49,6 +52,7 @@ def test_quantized_sub_network_is_saved_packed_and_reloads_bit_identical(tmp_pat
     packed = save_compressed(frozen, plan, tokenizer, tmp_path / "packed", meta, base_config=model.config)
     plain = save_compressed(student, plan, tokenizer, tmp_path / "float", meta, base_config=model.config)
     assert (packed / WEIGHTS_FILE).stat().st_size < (plain / WEIGHTS_FILE).stat().st_size
+    assert student.bert.embeddings.position_embeddings.num_embeddings == 32 < model.config.max_position_embeddings
     loaded = fitformer.load(packed)
     assert loaded.meta["weights"] == "packed"
     assert torch.equal(predict_logits(frozen, data), predict_logits(loaded.model, data))

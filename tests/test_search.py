@@ -558,7 +558,8 @@ def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
 
     torch.manual_seed(seed)
     config = tiny_bert_config()
-    shape = EncoderShape.from_config(config)
+    shape = EncoderShape.from_config(config, max_length=40)  # candidates drop position rows 40..63
+    assert shape.candidate_side_params == shape.side_params - 24 * config.hidden_size
     space = DesignSpace(shape, SpaceConfig(ranks=(2, 4, 8), bits=(32, 8, 4), sparsities=(0.0,)))
     genes = [space.largest(), space.full_model(8), space.most_compressed()] + [
         space.sample(np.random.default_rng(s)) for s in range(3)]
@@ -566,6 +567,8 @@ def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
     teacher = BertForSequenceClassification(config).eval()
     rest = 4 * sum(p.numel() for p in teacher.parameters()) - space.reference().weight_bytes()
     student = apply_plan(teacher, spec_to_plan(spec, shape))
+    assert student.bert.embeddings.position_embeddings.num_embeddings == 40
+    assert space.reference().side_params == shape.side_params  # gains are measured against the whole teacher
     path = tmp_path / "model.safetensors"
     if is_quantized(student):
         with torch.no_grad():

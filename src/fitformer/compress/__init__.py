@@ -1,6 +1,7 @@
 """Compression plans (plain data) and ``apply_plan`` (a registry of handlers, one per plan kind)."""
 
 from . import (
+    positions,  # noqa: F401  (registers plan kind "positions")
     prune,  # noqa: F401  (registers plan kinds "structured_prune", "balanced_sparsity")
     quant,  # noqa: F401  (registers plan kind "quant")
     subnet,  # noqa: F401  (registers plan kind "subnet")

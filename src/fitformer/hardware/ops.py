@@ -449,6 +449,12 @@ def register_plan_cost(kind: str) -> Callable[[PlanTranslator], PlanTranslator]:
     return decorate
 
 
+@register_plan_cost("positions")
+def _positions_cost(step: Any, state: PlanState, pattern: str) -> None:
+    """Dropping position rows the model never reads (``PositionTrimPlan``) changes no op: the lookup reads
+    ``seq_len`` rows either way."""
+
+
 _ARCH_FIELDS = {"layers": ("layers", "num_layers", "depth"), "hidden": ("hidden", "hidden_size"),
                 "heads": ("heads", "num_heads"), "ffn": ("ffn", "intermediate_size", "ffn_dim"),
                 "layer_heads": ("layer_heads",), "layer_ffn": ("layer_ffn",)}

@@ -91,6 +91,7 @@ class AnalyticCost:
 
 def spec_to_plan(spec: CandidateSpec, shape: EncoderShape) -> CompressionPlan:
     """The :class:`CompressionPlan` that builds this candidate from the full model."""
+    from ..compress.positions import PositionTrimPlan
     from ..compress.prune import BalancedSparsityPlan
     from ..compress.quant import QuantPlan
     from ..compress.subnet import SubnetPlan
@@ -102,6 +103,8 @@ def spec_to_plan(spec: CandidateSpec, shape: EncoderShape) -> CompressionPlan:
     a = spec.arch
     if (a.num_layers, a.hidden_size, a.heads, a.ffn) != full:
         steps.append(SubnetPlan(hidden=a.hidden_size, heads=a.heads, ffn=a.ffn))
+    if shape.dropped_positions and spec.side_params < shape.side_params:  # a candidate, not the reference
+        steps.append(PositionTrimPlan(rows=shape.position_rows))
     layers: dict[str, list[LayerPlan]] = {}
     for x in spec.all_layers():
         chain: list[Any] = []

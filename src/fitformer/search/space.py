@@ -61,20 +61,36 @@ class EncoderShape:
     prefix: str = "bert.encoder.layer"
     embedding_prefix: str = "bert"
     side_params: int = 0  # weights no site covers: position and token-type tables, pooler (see CandidateSpec)
+    positions: int = 0  # rows of the position table
+    dropped_positions: int = 0  # of them, the rows a candidate drops (beyond max_length; PositionTrimPlan)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def candidate_side_params(self) -> int:
+        """:attr:`side_params` of a compressed candidate: without the position rows it never reads."""
+        return self.side_params - self.dropped_positions * self.hidden_size
+
     @classmethod
-    def from_config(cls, config: Any, prefix: str = "bert.encoder.layer", embedding_prefix: str = "bert"
-                    ) -> EncoderShape:
-        """From a Hugging Face ``BertConfig`` (or any object with the same fields)."""
+    def from_config(cls, config: Any, prefix: str = "bert.encoder.layer", embedding_prefix: str = "bert",
+                    max_length: int | None = None) -> EncoderShape:
+        """From a Hugging Face ``BertConfig`` (or any object with the same fields); ``max_length``, the most
+        tokens the model is run with, lets candidates drop the position rows beyond it."""
         h = config.hidden_size
-        side = (getattr(config, "max_position_embeddings", 0) + getattr(config, "type_vocab_size", 0)) * h + h * h
+        positions = getattr(config, "max_position_embeddings", 0)
+        side = (positions + getattr(config, "type_vocab_size", 0)) * h + h * h
+        dropped = max(0, positions - max_length) if max_length else 0
         return cls(num_layers=config.num_hidden_layers, hidden_size=h,
                    num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-                   vocab_size=config.vocab_size, prefix=prefix, embedding_prefix=embedding_prefix, side_params=side)
+                   vocab_size=config.vocab_size, prefix=prefix, embedding_prefix=embedding_prefix, side_params=side,
+                   positions=positions, dropped_positions=dropped)
+
+    @property
+    def position_rows(self) -> int:
+        """The position-table rows a compressed candidate keeps."""
+        return self.positions - self.dropped_positions
 
     def side_names(self) -> tuple[str, ...]:
         """The layers holding :attr:`side_params`."""
@@ -470,7 +486,7 @@ class DesignSpace:
                 embedding = spec
             else:
                 layers.append(spec)
-        return CandidateSpec(arch, tuple(layers), embedding, self.shape.side_params)
+        return CandidateSpec(arch, tuple(layers), embedding, self.shape.candidate_side_params)
 
     def most_compressed(self) -> tuple[int, ...]:
         """The full architecture with every searched weight at its fewest bytes (format, shape, lowest rank
@@ -517,7 +533,8 @@ class DesignSpace:
             return replace(x, format="dense", rank=0, in_modes=(), out_modes=(), bits=FLOAT_BITS, sparsity=0.0)
 
         return replace(spec, layers=tuple(dense(x) for x in spec.layers),
-                       embedding=None if spec.embedding is None else dense(spec.embedding))
+                       embedding=None if spec.embedding is None else dense(spec.embedding),
+                       side_params=self.shape.side_params)
 
     def full_model(self, bits: int) -> tuple[int, ...]:
         """The full architecture with every searched layer dense at ``bits``: plain quantization of the
