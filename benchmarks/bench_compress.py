@@ -74,7 +74,7 @@ def run_one(name: str, overrides: dict[str, Any], work: Path, log) -> dict[str, 
         log(f"[{name}] infeasible: {exc}")
         reason = str(exc)
     run = pipeline.run
-    shape = EncoderShape.from_config(pipeline.teacher.model.config)
+    shape = EncoderShape.from_config(pipeline.teacher.model.config, max_length=config.max_length)
     teacher_spec = read_json(run.file(f"search/{Path(config.devices[0]).stem}.json"))["teacher"]["spec"]
     if not run.file("evaluate.json").exists():  # the search found no plan that gains enough
         teacher = run.stage("evaluate-teacher", lambda r: (pipeline.evaluate_teacher(), []))
@@ -182,6 +182,10 @@ def main() -> None:
                    "RunConfig's distill_epochs); raise it so that --minutes, not the epochs, ends distillation.")
     p.add_argument("--schedule", default=None, help="Distillation schedule, as RunConfig's distill_schedule "
                    "(default: the preset's; docs/distillation.md).")
+    p.add_argument("--candidates", type=int, default=None, help="Candidates distilled per run (default: preset); "
+                   "--minutes is split between them.")
+    p.add_argument("--search-budget", type=int, default=None, help="Plans each search evaluates (default: "
+                   "preset).")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {"teacher_epochs": 3, "threads": args.threads}
@@ -202,6 +206,10 @@ def main() -> None:
         overrides["distill_learning_rate"] = args.learning_rate
     if args.schedule is not None:
         overrides["distill_schedule"] = args.schedule
+    if args.candidates is not None:
+        overrides["candidates"] = args.candidates
+    if args.search_budget is not None:
+        overrides["search_budget"] = args.search_budget
     results = {name: run_one(name, overrides, args.work, log=print) for name in args.runs}
     time_side_by_side(results, rounds=4 if args.quick else 8, log=print)
     first = next(iter(results.values()))

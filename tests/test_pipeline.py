@@ -136,12 +136,11 @@ def test_preset_then_file_then_flags(tmp_path):
 def test_python_api_with_dataset_and_infeasible_exit(tmp_path, tiny_model_dir, sentiment_data):
     from fitformer.errors import InfeasibleError
 
-    # an impossible size limit: the candidates stage names it as the binding constraint
-    with pytest.raises(InfeasibleError, match="max_size_mb"):
+    # an impossible size limit: the search names it, with the smallest size the space reaches
+    with pytest.raises(InfeasibleError, match=r"meets max_size_mb 1e-06: the smallest is [\d.]+ MB"):
         fitformer.compress(model=tiny_model_dir, data=sentiment_data, device="raspberry-pi-4",
                            constraints={"max_size_mb": 1e-6}, out=tmp_path / "run", search_budget=20,
                            teacher_epochs=1)
-    assert (tmp_path / "run" / "search" / "raspberry-pi-4.json").exists()  # the front is kept
 
 
 def test_choose_picks_lowest_objective_within_drop_and_names_closest_otherwise():
@@ -181,6 +180,21 @@ def test_ladder_walks_down_the_front_then_fills():
     assert [r["key"] for r in ladder(rows, "latency_ms", 3)] == ["a", "c", "e"]
     assert [r["key"] for r in ladder(rows, "latency_ms", 4)] == ["a", "c", "e", "b"]
     assert [r["key"] for r in ladder(rows[:1], "latency_ms", 3)] == ["a"]
+
+
+def test_size_objective_searches_only_plans_within_the_gain(tmp_path, tiny_model_dir, sentiment_data):
+    """With objective size, min_gain is a hard limit of the search: every evaluated plan can be picked, so the
+    whole budget goes to the plans that compete (the cost model's size is the file's within 1%). At 16 tokens
+    the shipped model keeps 16 of the 64 position rows, and loads back and predicts."""
+    fitformer.compress(model=tiny_model_dir, data=sentiment_data, device="raspberry-pi-4", objective="size",
+                       constraints={"max_accuracy_drop": 100}, out=tmp_path / "run", search_budget=20,
+                       teacher_epochs=1, budget_minutes=0.1, max_length=16)
+    found = json.loads((tmp_path / "run" / "search" / "raspberry-pi-4.json").read_text())
+    limit = found["teacher"]["model_bytes"] / RunConfig().min_gain
+    assert len(found["history"]) == 20 and all(h["model_bytes"] <= limit for h in found["history"])
+    model = fitformer.load(tmp_path / "run")
+    assert model.model.bert.embeddings.position_embeddings.num_embeddings == 16
+    assert len(model.predict(["a fine film", "a dull film"])) == 2
 
 
 def test_quick_preset_ships_an_int8_model_with_packed_weights(run_args, tmp_path):

@@ -133,3 +133,28 @@ def test_weight_proxy_is_the_sensitivity_weighted_mean(tiny_model_dir):
     assert measured(spec)["proxy_loss"] != pytest.approx(plain(spec)["proxy_loss"], rel=1e-6)
     with pytest.raises(UserError, match="sensitivity"):
         WeightErrorProxy(plain.weights, shape, sensitivity=dict.fromkeys(plain.weights, 0.0))
+
+
+def test_weight_proxy_scores_a_sub_network_layer_as_the_full_model_layer_it_keeps():
+    """Depth 2 of 3 keeps the full model's layers 0 and 2 (the ``subnet`` plan's rule), so the lost layer is
+    layer 1: the proxy of the dense float sub-network is layer 1's share of the weight (scoring the
+    sub-network's layer k as the full model's k would make it layer 2's share, 0.89 here)."""
+    from transformers import BertForSequenceClassification
+
+    from fitformer.models import tiny_bert_config
+
+    torch.manual_seed(0)
+    net = BertForSequenceClassification(tiny_bert_config(num_hidden_layers=3)).eval()
+    shape = EncoderShape.from_config(net.config)
+    space = DesignSpace(shape, SpaceConfig(depths=(2, 3), formats=("dense",), bits=(32,), sparsities=(0.0,),
+                                           embedding=False))
+    full = space.decode(space.largest())
+    shallow = next(s for s in (space.decode(space.sample(np.random.default_rng(i))) for i in range(100))
+                   if s.arch.num_layers == 2)
+    base = WeightErrorProxy.from_model(net, shape)
+    weight = {n: 1.0 + 10.0 * (".layer.1." in n) + 100.0 * (".layer.2." in n) for n in base.weights}
+    proxy = WeightErrorProxy(base.weights, shape, sensitivity=weight)
+    sites = [n for n in base.weights if n.startswith(shape.prefix)]
+    lost = sum(weight[n] for n in sites if ".layer.1." in n) / sum(weight[n] for n in sites)
+    assert proxy(full)["proxy_loss"] == 0.0
+    assert proxy(shallow)["proxy_loss"] == pytest.approx(lost)

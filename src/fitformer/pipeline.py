@@ -100,7 +100,7 @@ class Pipeline:
     def _shape(self):
         from .search.space import EncoderShape
 
-        return EncoderShape.from_config(self.teacher.model.config)
+        return EncoderShape.from_config(self.teacher.model.config, max_length=self.config.max_length)
 
     def _primary_search(self) -> dict[str, Any]:
         """The search result on the first (primary) device: its teacher row, front and rest bytes."""
@@ -161,10 +161,13 @@ class Pipeline:
                                    sparsities=tuple(c.sparsities))
         space = DesignSpace(shape, space_config, device_limits(spec))
         cost = AnalyticCost(spec, shape, (c.latency_batch, c.seq_len))
+        teacher_spec = space.reference()
+        rest = 4 * sum(p.numel() for p in self.teacher.model.parameters()) - teacher_spec.weight_bytes()
+        limits = {"size_bytes": min(spec.dram_bytes.value, self._size_limit(teacher_spec.file_bytes() + rest, rest,
+                                                                            cost(space.decode(space.most_compressed()))))}
         proxy = self._proxy()
         evaluator = CombinedEvaluator(cost, proxy)
-        problem = Problem(space, cost, evaluator, objectives=("proxy_loss", c.objective_metric),
-                          limits={"size_bytes": spec.dram_bytes.value})
+        problem = Problem(space, cost, evaluator, objectives=("proxy_loss", c.objective_metric), limits=limits)
         slug = _device_slug(device)
         run.file("search").mkdir(exist_ok=True)
         with RunStore(run.file(f"search/{slug}.sqlite")) as store:
@@ -172,9 +175,7 @@ class Pipeline:
             result = nsga2(Session(problem, c.search_budget, store=store), seed=c.seed,
                            config=NSGA2Config(population=c.population),
                            start=[space.full_model(b) for b in space.bits if b < 32] + [space.most_compressed()])
-        teacher_spec = space.reference()
         on_front = {x.key for x in result.front}
-        rest = 4 * sum(p.numel() for p in self.teacher.model.parameters()) - teacher_spec.weight_bytes()
         history = [{**x.to_dict(), "front": x.key in on_front,
                     "model_bytes": x.metrics["size_bytes"] + rest} for x in result.history]
         out = {"device": device, "objectives": list(problem.objectives), "rest_bytes": rest,
@@ -184,6 +185,23 @@ class Pipeline:
                "history": history, "front": [h for h in history if h["front"]]}
         write_json_atomic(run.file(f"search/{slug}.json"), out)
         return {"device": device, "evaluated": len(history), "front": len(out["front"])}, [f"search/{slug}.json"]
+
+    def _size_limit(self, teacher_bytes: float, rest: float, smallest: dict[str, float]) -> float:
+        """The most bytes (searched weights, as the cost model's ``size_bytes``) a candidate may have: the size
+        constraints are hard limits of the search, since the cost model predicts the file within 1%, so the
+        whole search budget goes to plans that can be picked (at 50x on MiniLM only a few of 150 unconstrained
+        plans were). Raises InfeasibleError when even the smallest plan of the space is over it."""
+        c, limit, names = self.config, float("inf"), []
+        if c.objective_metric == "size_bytes":
+            limit, names = teacher_bytes / c.min_gain - rest, [f"min_gain {c.min_gain:g}"]
+        if c.max_size_mb is not None and c.max_size_mb * 1e6 - rest < limit:
+            limit, names = c.max_size_mb * 1e6 - rest, [f"max_size_mb {c.max_size_mb:g}"]
+        if smallest["size_bytes"] > limit:
+            raise InfeasibleError(f"no plan of the search space meets {names[0]}: the smallest is "
+                                  f"{(smallest['size_bytes'] + rest) / 1e6:.3g} MB, the limit "
+                                  f"{(limit + rest) / 1e6:.3g} MB; relax {names[0].split()[0]} or search lower "
+                                  "ranks and bit widths (--ranks, --bits)")
+        return limit
 
     def _proxy(self):
         """The search's weight-error proxy: token-count weighted embedding, layers weighted by their sensitivity
@@ -339,7 +357,7 @@ class Pipeline:
             for x in dense.layers:
                 in_modes, out_modes = default_tt_shapes(x.in_features, x.out_features, 3, 1)[0]
                 layers.append(replace(x, format="tt", rank=rank, in_modes=in_modes, out_modes=out_modes, bits=bits))
-            return replace(dense, layers=tuple(layers), embedding=chosen.embedding)
+            return replace(dense, layers=tuple(layers), embedding=chosen.embedding, side_params=chosen.side_params)
 
         low, high = 1, max(shape.hidden_size, shape.intermediate_size)
         while low < high:  # largest rank whose size stays within the chosen model's (sizes grow with rank)
