@@ -191,16 +191,16 @@ class Pipeline:
         constraints are hard limits of the search, since the cost model predicts the file within 1%, so the
         whole search budget goes to plans that can be picked (at 50x on MiniLM only a few of 150 unconstrained
         plans were). Raises InfeasibleError when even the smallest plan of the space is over it."""
-        c, limit, names = self.config, float("inf"), []
+        c, limit, binding, value = self.config, float("inf"), "", 0.0
         if c.objective_metric == "size_bytes":
-            limit, names = teacher_bytes / c.min_gain - rest, [f"min_gain {c.min_gain:g}"]
+            limit, binding, value = teacher_bytes / c.min_gain - rest, "min_gain", c.min_gain
         if c.max_size_mb is not None and c.max_size_mb * 1e6 - rest < limit:
-            limit, names = c.max_size_mb * 1e6 - rest, [f"max_size_mb {c.max_size_mb:g}"]
+            limit, binding, value = c.max_size_mb * 1e6 - rest, "max_size_mb", c.max_size_mb
         if smallest["size_bytes"] > limit:
-            raise InfeasibleError(f"no plan of the search space meets {names[0]}: the smallest is "
+            raise InfeasibleError(f"no plan of the search space meets {binding} {value:g}: the smallest is "
                                   f"{(smallest['size_bytes'] + rest) / 1e6:.3g} MB, the limit "
-                                  f"{(limit + rest) / 1e6:.3g} MB; relax {names[0].split()[0]} or search lower "
-                                  "ranks and bit widths (--ranks, --bits)")
+                                  f"{(limit + rest) / 1e6:.3g} MB; relax {binding} or search lower ranks and bit "
+                                  "widths (--ranks, --bits)")
         return limit
 
     def _proxy(self):
