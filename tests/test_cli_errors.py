@@ -178,11 +178,18 @@ def test_infeasible_constraint_exits_3_naming_it_and_keeps_the_front(tmp_path, t
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": sentiment_data.label_names[y]}) + "\n"
                             for t, y in zip(sentiment_data.texts, sentiment_data.labels, strict=True)))
-    code, _, err = run_cli(["compress", "--model", str(tiny_model_dir), "--data", str(data), "-d", "raspberry-pi-4",
-                            "--max-size-mb", "1e-6", "--search-budget", "12", "--teacher-epochs", "1",
-                            "--out", str(tmp_path / "run")], capsys)
+    base = ["compress", "--model", str(tiny_model_dir), "--data", str(data), "-d", "raspberry-pi-4",
+            "--search-budget", "12", "--teacher-epochs", "1"]
+    # a modelled limit is checked on the front: the run names it and keeps the front it searched
+    code, _, err = run_cli([*base, "--max-latency-ms", "1e-6", "--out", str(tmp_path / "run")], capsys)
     assert code == 3, err
-    line = check_one_line(err, "no searched plan meets max_size_mb", after_work=True)
-    assert "relax max_size_mb" in line
+    line = check_one_line(err, "no searched plan meets max_latency_ms", after_work=True)
+    assert "relax max_latency_ms" in line
     front = json.loads((tmp_path / "run" / "search" / "raspberry-pi-4.json").read_text())["front"]
     assert front, "the front found before the constraint failed is kept"
+    # a size limit is a hard limit of the search: no plan of the space meets it, so the search stops first
+    code, _, err = run_cli([*base, "--max-size-mb", "1e-6", "--out", str(tmp_path / "small")], capsys)
+    assert code == 3, err
+    line = check_one_line(err, "no plan of the search space meets max_size_mb 1e-06: the smallest is",
+                          after_work=True)
+    assert "relax max_size_mb" in line
