@@ -74,7 +74,7 @@ def run_one(name: str, overrides: dict[str, Any], work: Path, log) -> dict[str, 
         log(f"[{name}] infeasible: {exc}")
         reason = str(exc)
     run = pipeline.run
-    shape = EncoderShape.from_config(pipeline.teacher.model.config, max_length=config.max_length)
+    shape = pipeline.shape
     teacher_spec = read_json(run.file(f"search/{Path(config.devices[0]).stem}.json"))["teacher"]["spec"]
     if not run.file("evaluate.json").exists():  # the search found no plan that gains enough
         teacher = run.stage("evaluate-teacher", lambda r: (pipeline.evaluate_teacher(), []))

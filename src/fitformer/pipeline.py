@@ -82,6 +82,7 @@ class Pipeline:
         self._teacher = None
         self._dataset = dataset
         self._weight_proxy = None
+        self._encoder_shape = None
 
     # ------------------------------------------------------------------ shared pieces
     @property
@@ -97,10 +98,15 @@ class Pipeline:
                 epochs=c.teacher_epochs, max_length=c.max_length, seed=c.seed))
         return self._teacher
 
-    def _shape(self):
+    @property
+    def shape(self):
+        """The teacher as the search sees it (``EncoderShape``), candidates run at ``max_length`` tokens."""
         from .search.space import EncoderShape
 
-        return EncoderShape.from_config(self.teacher.model.config, max_length=self.config.max_length)
+        if self._encoder_shape is None:
+            self._encoder_shape = EncoderShape.from_config(self.teacher.model.config,
+                                                           max_length=self.config.max_length)
+        return self._encoder_shape
 
     def _primary_search(self) -> dict[str, Any]:
         """The search result on the first (primary) device: its teacher row, front and rest bytes."""
@@ -152,7 +158,7 @@ class Pipeline:
 
         c = self.config
         spec = get_device(device)
-        shape = self._shape()
+        shape = self.shape
         h, heads, ffn = shape.hidden_size, shape.num_heads, shape.intermediate_size
         space_config = SpaceConfig(depths=tuple(range(max(1, shape.num_layers // 2), shape.num_layers + 1)),
                                    hidden_sizes=(h,), heads=tuple(sorted({max(1, heads // 2), heads})),
@@ -163,8 +169,9 @@ class Pipeline:
         cost = AnalyticCost(spec, shape, (c.latency_batch, c.seq_len))
         teacher_spec = space.reference()
         rest = 4 * sum(p.numel() for p in self.teacher.model.parameters()) - teacher_spec.weight_bytes()
-        limits = {"size_bytes": min(spec.dram_bytes.value, self._size_limit(teacher_spec.file_bytes() + rest, rest,
-                                                                            cost(space.decode(space.most_compressed()))))}
+        smallest = cost(space.decode(space.most_compressed()))["size_bytes"]
+        limits = {"size_bytes": min(spec.dram_bytes.value,
+                                    self._size_limit(teacher_spec.file_bytes() + rest, rest, smallest))}
         proxy = self._proxy()
         evaluator = CombinedEvaluator(cost, proxy)
         problem = Problem(space, cost, evaluator, objectives=("proxy_loss", c.objective_metric), limits=limits)
@@ -186,7 +193,7 @@ class Pipeline:
         write_json_atomic(run.file(f"search/{slug}.json"), out)
         return {"device": device, "evaluated": len(history), "front": len(out["front"])}, [f"search/{slug}.json"]
 
-    def _size_limit(self, teacher_bytes: float, rest: float, smallest: dict[str, float]) -> float:
+    def _size_limit(self, teacher_bytes: float, rest: float, smallest: float) -> float:
         """The most bytes (searched weights, as the cost model's ``size_bytes``) a candidate may have: the size
         constraints are hard limits of the search, since the cost model predicts the file within 1%, so the
         whole search budget goes to plans that can be picked (at 50x on MiniLM only a few of 150 unconstrained
@@ -196,9 +203,9 @@ class Pipeline:
             limit, binding, value = teacher_bytes / c.min_gain - rest, "min_gain", c.min_gain
         if c.max_size_mb is not None and c.max_size_mb * 1e6 - rest < limit:
             limit, binding, value = c.max_size_mb * 1e6 - rest, "max_size_mb", c.max_size_mb
-        if smallest["size_bytes"] > limit:
+        if smallest > limit:
             raise InfeasibleError(f"no plan of the search space meets {binding} {value:g}: the smallest is "
-                                  f"{(smallest['size_bytes'] + rest) / 1e6:.3g} MB, the limit "
+                                  f"{(smallest + rest) / 1e6:.3g} MB, the limit "
                                   f"{(limit + rest) / 1e6:.3g} MB; relax {binding} or search lower ranks and bit "
                                   "widths (--ranks, --bits)")
         return limit
@@ -215,7 +222,7 @@ class Pipeline:
             if n:
                 self.log(f"measuring each layer's sensitivity on {n} training examples")
             self._weight_proxy = WeightErrorProxy.from_model(
-                self.teacher.model, self._shape(), train.token_counts(self.teacher.model.config.vocab_size),
+                self.teacher.model, self.shape, train.token_counts(self.teacher.model.config.vocab_size),
                 batches=list(train.select(range(n)).batches(32)) if n else None, seed=self.config.seed)
         return self._weight_proxy
 
@@ -225,7 +232,7 @@ class Pipeline:
         from .search.cost import AnalyticCost
         from .search.space import CandidateSpec
 
-        c, shape, spec = self.config, self._shape(), CandidateSpec.from_dict(spec_dict)
+        c, shape, spec = self.config, self.shape, CandidateSpec.from_dict(spec_dict)
         return {d: AnalyticCost(get_device(d), shape, (c.latency_batch, c.seq_len))(spec) for d in c.devices}
 
     def _violations(self, modelled: dict[str, dict[str, float]], rest: float) -> dict[str, float]:
@@ -271,7 +278,7 @@ class Pipeline:
                                   f"{worst:.2f}x the limit); relax {binding} or raise --search-budget; "
                                   f"the fronts are in {run.file('search')}")
         for p in picked:
-            p["plan"] = _plan_for(p["spec"], self._shape()).to_dict()
+            p["plan"] = _plan_for(p["spec"], self.shape).to_dict()
         write_json_atomic(run.file("candidates.json"), picked)
         return {"candidates": [{k: p[k] for k in ("key", "device")} for p in picked]}, ["candidates.json"]
 
@@ -342,7 +349,7 @@ class Pipeline:
 
         from .search.space import CandidateSpec, default_tt_shapes
 
-        shape = self._shape()
+        shape = self.shape
         first = self._primary_search()
         dense = CandidateSpec.from_dict(first["teacher"]["spec"])
         chosen = CandidateSpec.from_dict(self._candidate(key)["spec"])
@@ -400,7 +407,7 @@ class Pipeline:
             return self.teacher.model.eval(), None
         if key == "uniform":
             spec, out, weights = self.run.result("baseline-uniform")["spec"], "baselines/uniform", "distill/uniform"
-            cand = {"key": key, "spec": spec, "plan": _plan_for(spec, self._shape()).to_dict()}
+            cand = {"key": key, "spec": spec, "plan": _plan_for(spec, self.shape).to_dict()}
         else:
             cand, short = self._candidate(key), key[:12]
             out, weights = f"candidates/{short}", f"distill/{short}"
@@ -443,7 +450,7 @@ class Pipeline:
         from .search.cost import AnalyticCost
         from .search.space import CandidateSpec
 
-        c, shape, spec = self.config, self._shape(), CandidateSpec.from_dict(spec_dict)
+        c, shape, spec = self.config, self.shape, CandidateSpec.from_dict(spec_dict)
         device = get_device(c.devices[0])
         return {f"predicted_ms_b{b}": AnalyticCost(device, shape, (b, c.max_length))(spec)["latency_ms"]
                 for b in (1, 32)}
