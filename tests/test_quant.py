@@ -27,7 +27,14 @@ from fitformer.compress.quant import (
 from fitformer.errors import UserError
 from fitformer.export.onnx_quant import compare_with_torch, export_quantized_onnx, ort_session
 from fitformer.export.quantized import load_quantized, pack_bits, save_quantized, size_bytes, unpack_bits
-from fitformer.layers.quant import LSQQuantizer, QuantEmbedding, QuantLinear, lsq_fake_quant, qrange
+from fitformer.layers.quant import (
+    LSQQuantizer,
+    QuantEmbedding,
+    QuantLinear,
+    lsq_fake_quant,
+    lsq_fake_quant_reference,
+    qrange,
+)
 from fitformer.models.tiny import tiny_bert_config
 
 
@@ -103,6 +110,30 @@ def test_scale_gradient_matches_finite_difference(symmetric):
     fd = (surrogate(s0 + eps) - surrogate(s0 - eps)) / (2 * eps)
     assert s.grad is not None
     assert torch.allclose(s.grad, fd * g, rtol=1e-5, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.sampled_from([((50,), ()), ((6, 40), (6, 1)), ((3, 5, 7), (1, 5, 1))]), symmetric=st.booleans(),
+       bits=st.integers(2, 8), seed=st.integers(0, 10_000))
+def test_fused_fake_quant_matches_the_op_by_op_graph(shape, symmetric, bits, seed):
+    """The one-node LSQ gives the values and the x, step and zero-point gradients of the composed ops,
+    per tensor and per channel."""
+    gen = torch.Generator().manual_seed(seed)
+    x_shape, s_shape = shape
+    qmin, qmax = qrange(bits, symmetric)
+    x = torch.randn(x_shape, dtype=torch.float64, generator=gen) * 3
+    s = torch.rand(s_shape, dtype=torch.float64, generator=gen) * 0.3 + 0.05
+    z = None if symmetric else torch.randint(qmin, qmax + 1, s_shape, generator=gen).double() + 0.3
+    w = torch.randn(x_shape, dtype=torch.float64, generator=gen)
+    results = []
+    for fake_quant in (lsq_fake_quant_reference, lsq_fake_quant):
+        inputs = [t.clone().requires_grad_() for t in (x, s) + (() if z is None else (z,))]
+        y = fake_quant(inputs[0], inputs[1], inputs[2] if z is not None else None, qmin, qmax, 0.37)
+        (y * w).sum().backward()
+        results.append([y.detach()] + [t.grad for t in inputs])
+    for reference, fused in zip(*results, strict=True):
+        assert fused.shape == reference.shape
+        assert torch.allclose(fused, reference)
 
 
 def test_straight_through_gradient_of_inputs():

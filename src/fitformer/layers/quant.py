@@ -49,48 +49,57 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-class _RoundSTE(torch.autograd.Function):
-    """round() forward, identity backward (the straight-through estimator)."""
+class _LSQFakeQuant(torch.autograd.Function):
+    """LSQ quantize-dequantize in one autograd node (module doc): the forward pass keeps only a clip mask
+    and one per-element step-size factor for the backward pass, instead of the graph of a dozen elementwise
+    ops that :func:`lsq_fake_quant_reference` builds (``benchmarks/bench_qat_step.py`` times the two)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-class _GradScale(torch.autograd.Function):
-    """Identity forward, gradient multiplied by ``g`` backward (LSQ eq. 4); exact in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, g: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
+                qmax: int, g: float) -> torch.Tensor:
+        v = x / scale
+        r = torch.round(v)
+        z = None if zero_point is None else torch.round(zero_point)
+        q = r if z is None else r + z
+        inside = (q >= qmin) & (q <= qmax)
+        codes = torch.clamp(q, qmin, qmax) if z is None else torch.clamp(q, qmin, qmax) - z
+        # d out / d scale: round(v) - v inside the range (rounding passed straight through), the clipped
+        # code (minus the zero point) outside it
+        ctx.save_for_backward(inside, torch.where(inside, r - v, codes), scale, zero_point)
         ctx.g = g
-        return x.view_as(x)
+        return codes * scale
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.g, None
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return _RoundSTE.apply(x)
-
-
-def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    return _GradScale.apply(x, g)
+    def backward(ctx, grad: torch.Tensor):
+        inside, ds, scale, zero_point = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = (grad * ds).sum_to_size(scale.shape) * ctx.g if ctx.needs_input_grad[1] else None
+        grad_z = None
+        if zero_point is not None and ctx.needs_input_grad[2]:  # -scale where clipped, 0 inside
+            grad_z = (grad * ~inside).sum_to_size(zero_point.shape) * (-scale * ctx.g)
+        return grad_x, grad_s, grad_z, None, None, None
 
 
 def lsq_fake_quant(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int, g: float
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` with step ``scale`` and (optional) zero point, LSQ gradients (see module doc)."""
-    s = grad_scale(scale, g)
+    return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, g)
+
+
+def lsq_fake_quant_reference(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int, g: float
+) -> torch.Tensor:
+    """:func:`lsq_fake_quant` op by op (rounding straight through, step and zero point gradient-scaled by
+    ``g`` through detach): the graph the fused node replaces, kept to check it and to time it against."""
+    s = scale * g + (scale - scale * g).detach()
+    v = x / s
+    r = v + (torch.round(v) - v).detach()
     if zero_point is None:
-        return torch.clamp(round_ste(x / s), qmin, qmax) * s
-    z = round_ste(grad_scale(zero_point, g))
-    return (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
+        return torch.clamp(r, qmin, qmax) * s
+    z = zero_point * g + (zero_point - zero_point * g).detach()
+    z = z + (torch.round(z) - z).detach()
+    return (torch.clamp(r + z, qmin, qmax) - z) * s
 
 
 def quantize_int(
