@@ -62,7 +62,9 @@ class _LSQFakeQuant(torch.autograd.Function):
         z = None if zero_point is None else torch.round(zero_point)
         q = r if z is None else r + z
         inside = (q >= qmin) & (q <= qmax)
-        codes = torch.clamp(q, qmin, qmax) if z is None else torch.clamp(q, qmin, qmax) - z
+        codes = torch.clamp(q, qmin, qmax)
+        if z is not None:
+            codes = codes - z
         # d out / d scale: round(v) - v inside the range (rounding passed straight through), the clipped
         # code (minus the zero point) outside it
         ctx.save_for_backward(inside, torch.where(inside, r - v, codes), scale, zero_point)
