@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import markdown_table, parser, write_results  # noqa: E402
 from fitformer.hardware.timing import measure, measure_interleaved  # noqa: E402
-from fitformer.layers import Planner, TTLinear, balanced_modes, choose_tensorization  # noqa: E402
+from fitformer.layers import Planner, TTLinear, balanced_modes, choose_tensorization, tt_flops  # noqa: E402
 from fitformer.layers.planner import _einsum_equation, einsum_operands  # noqa: E402
 
 LAYERS = [(384, 1536), (1536, 384), (768, 3072), (3072, 768)]
@@ -84,6 +84,7 @@ def bench_row(in_f: int, out_f: int, tokens: int, rank: int, kind: str, planner:
         "dense": dense_ms, "planned": planned_ms, "naive_einsum": naive_ms,
         "tltorch": tltorch_ms(in_modes, out_modes, tt.ranks, x),
         "params": sum(p.numel() for p in tt.parameters()), "flops": tt.flops(tokens),
+        "chain_flops": min(tt_flops(in_modes, out_modes, tt.ranks, tokens, d) for d in ("rtl", "ltr")),
         "dense_flops": 2 * in_f * out_f * tokens,
         "plan": exe.describe(), "ranks": list(tt.ranks), "tensorization": kind, "plan_ms": plan_ms,
     }
@@ -93,9 +94,15 @@ def summarize(rows: list[dict]) -> dict:
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     slowdown = [r["planned"] / r["dense"] for r in rows]
     vs_tltorch = [r["tltorch"] / r["planned"] for r in rows]
-    factorizable = [r for r in rows if r["dense_flops"] / r["flops"] >= 4]
-    efficient = [r for r in factorizable if r["dense"] / r["planned"] >= 0.5 * r["dense_flops"] / r["flops"]]
-    share = len(efficient) / len(factorizable) if factorizable else None
+    def half_ratio_share(flops_key: str) -> tuple[int, float | None]:
+        """Rows whose FLOP ratio (dense over ``flops_key``) is at least 4, and the share of them whose measured
+        speedup over dense reaches half that ratio."""
+        factorizable = [r for r in rows if r["dense_flops"] / r[flops_key] >= 4]
+        efficient = [r for r in factorizable if r["dense"] / r["planned"] >= 0.5 * r["dense_flops"] / r[flops_key]]
+        return len(factorizable), (len(efficient) / len(factorizable) if factorizable else None)
+
+    n_factorizable, share = half_ratio_share("flops")
+    n_chain, share_chain = half_ratio_share("chain_flops")
     return {
         "rows": len(rows),
         "median_dense_ms": med("dense"), "median_planned_ms": med("planned"),
@@ -105,8 +112,11 @@ def summarize(rows: list[dict]) -> dict:
         "median_speedup_planned_vs_tltorch": statistics.median(vs_tltorch),
         "max_planned_over_dense": max(slowdown),
         "rows_factorized": sum(r["plan"] != "dense" for r in rows),
-        "rows_flop_ratio_ge_4": len(factorizable),
+        "rows_flop_ratio_ge_4": n_factorizable,
         "share_reaching_half_flop_ratio": share,
+        # the same against the FLOPs of the unfused chain (the TT's least arithmetic), whatever ran
+        "rows_chain_flop_ratio_ge_4": n_chain,
+        "share_reaching_half_chain_flop_ratio": share_chain,
         "targets": {
             "planned_never_above_1.10x_dense": max(slowdown) <= 1.10,
             "median_speedup_vs_tltorch_ge_1.5": statistics.median(vs_tltorch) >= 1.5,
@@ -117,25 +127,31 @@ def summarize(rows: list[dict]) -> dict:
 
 def markdown(rows: list[dict], summary: dict) -> str:
     table = [{**r, "dense/planned": r["dense"] / r["planned"], "flop ratio": r["dense_flops"] / r["flops"],
+              "chain": r["dense_flops"] / r["chain_flops"],
               "tltorch/planned": r["tltorch"] / r["planned"]} for r in rows]
     t = summary["targets"]
     return "\n".join([
         "## TT-matrix layers (`bench_tt.py`)", "",
         "Inference latency (ms, median) of one layer; `planned` is `TTLinear` with the contraction planner, "
         "`naive_einsum` one opt_einsum call (optimal path), `tltorch` tensorly-torch BlockTT (best of its two "
-        "implementations). `flop ratio` is dense FLOPs over the FLOPs of the planned execution; `plan` is what "
+        "implementations). `flop ratio` is dense FLOPs over the FLOPs of the planned execution (`chain` over "
+        "those of the unfused chain); `plan` is what "
         "the planner chose (`dense` = factorizing does not pay at this size, so the reconstructed weight runs "
         "as one GEMM).", "",
         markdown_table(table, ["in", "out", "tokens", "rank", "shape", "dense", "planned", "naive_einsum",
-                               "tltorch", "plan", "flop ratio", "dense/planned", "tltorch/planned"], ".2f"), "",
-        f"Reading: planned is at most {summary['max_planned_over_dense']:.2f}x the dense time (target 1.10x: "
+                               "tltorch", "plan", "flop ratio", "chain", "dense/planned", "tltorch/planned"], ".2f"),
+        "",
+        f"Reading: planned is at most {summary['max_planned_over_dense']:.3f}x the dense time (target 1.10x: "
         f"{'met' if t['planned_never_above_1.10x_dense'] else 'missed'}); median speedup over tensorly-torch "
         f"{summary['median_speedup_planned_vs_tltorch']:.2f}x (target 1.5x: "
         f"{'met' if t['median_speedup_vs_tltorch_ge_1.5'] else 'missed'}); of the "
         f"{summary['rows_flop_ratio_ge_4']} rows whose planned execution needs at least 4x fewer FLOPs than "
         f"dense, {summary['share_reaching_half_flop_ratio'] or 0:.0%} "
         f"turn at least half of that ratio into measured speedup (target 80%: "
-        f"{'met' if t['half_flop_ratio_in_80pct_of_rows'] else 'missed'}). Balanced tensorizations at high rank "
+        f"{'met' if t['half_flop_ratio_in_80pct_of_rows'] else 'missed'}); counted against the FLOPs of the "
+        f"unfused chain instead (`chain_flops`, the TT's least arithmetic, whatever execution ran), "
+        f"{summary['share_reaching_half_chain_flop_ratio'] or 0:.0%} of "
+        f"{summary['rows_chain_flop_ratio_ge_4']} rows. Balanced tensorizations at high rank "
         "often need more FLOPs than the dense layer; the planner then runs the dense weight.",
     ])
 

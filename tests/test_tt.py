@@ -100,8 +100,15 @@ def test_param_and_flop_formulas_match_counted_values(shape, tokens):
         with FlopCounterMode(display=False) as counter:
             run(exe, x, operands, spec)
         assert counter.get_total_flops() == tt_flops(in_modes, out_modes, ranks, tokens, direction)
+    # every chain (fused groups, transposed and expanded steps) counts what it runs
+    for exe in MODEL_PLANNER.candidates(spec, tokens, False):
+        if exe.kind != "chain":
+            continue
+        operands = prepare(exe, spec, cores)
+        with FlopCounterMode(display=False) as counter:
+            run(exe, x, operands, spec)
         run_ops = [op for op in execution_ops(exe, spec, tokens, 8) if op["stage"] == "run"]
-        assert sum(op["flops"] for op in run_ops) == counter.get_total_flops()
+        assert sum(op["flops"] for op in run_ops) == counter.get_total_flops(), exe.describe()
     # the layer's own report agrees with what its forward counts (core work cached by the first call)
     with torch.no_grad():
         tt(x)
@@ -155,16 +162,33 @@ def test_tt_svd_truncation_by_rank_and_error():
     assert [c.shape[-1] for c in per_bond] == [2, 5, 1]
 
 
-def test_gradcheck_all_executions():
-    in_modes, out_modes, ranks = (2, 2, 2), (3, 2, 1), (1, 2, 2, 1)
-    spec = TTSpec(7, 6, in_modes, out_modes, ranks)  # input padded 7 -> 8
+@pytest.mark.parametrize("in_f, out_f, in_modes, out_modes, ranks", [
+    (7, 6, (2, 2, 2), (3, 2, 1), (1, 2, 2, 1)),   # input padded 7 -> 8
+    (15, 16, (4, 2, 2), (2, 2, 4), (1, 2, 2, 1)),  # has expanded ("e") steps
+])
+def test_gradcheck_all_executions(in_f, out_f, in_modes, out_modes, ranks):
+    spec = TTSpec(in_f, out_f, in_modes, out_modes, ranks)
     cores = [c.requires_grad_() for c in random_cores(in_modes, out_modes, ranks)]
-    x = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
-    for exe in MODEL_PLANNER.candidates(spec, 2, training=True):
-        def f(x, *cs, exe=exe):
-            return run(exe, x, prepare(exe, spec, cs), spec)
+    x = torch.randn(2, in_f, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(out_f, dtype=torch.float64, requires_grad=True)
+    candidates = MODEL_PLANNER.candidates(spec, 2, training=True)
+    assert in_f != 15 or any("e" in exe.modes for exe in candidates)
+    for exe in candidates:
+        def f(x, b, *cs, exe=exe):
+            return run(exe, x, prepare(exe, spec, cs), spec, bias=b)
 
-        assert torch.autograd.gradcheck(f, (x, *cores), fast_mode=True), exe.describe()
+        assert torch.autograd.gradcheck(f, (x, bias, *cores), fast_mode=True), exe.describe()
+
+
+def test_forward_leaves_its_inputs_alone():
+    """The bias is added in place to the product, never to the input or the bias itself."""
+    tt = TTLinear(16, 16, (4, 2, 2), (2, 2, 4), 2, planner=MODEL_PLANNER, dtype=torch.float64).eval()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    x0, b0 = x.clone(), tt.bias.detach().clone()
+    with torch.no_grad():
+        for exe in MODEL_PLANNER.candidates(tt.spec, 3, training=False):
+            run(exe, x, prepare(exe, tt.spec, list(tt.cores)), tt.spec, bias=tt.bias)
+            assert torch.equal(x, x0) and torch.equal(tt.bias, b0), exe.describe()
 
 
 def test_layer_gradients_reach_cores_and_bias():
