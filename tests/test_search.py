@@ -541,7 +541,35 @@ def test_most_compressed_is_the_full_architecture_at_its_fewest_bytes():
     assert all(small.weight_bytes() <= o.weight_bytes() for o in full_arch)
 
 
-@pytest.mark.parametrize("seed", range(6))
+def _every_site(space: DesignSpace, genes: tuple[int, ...], fmt: str, shape: int, bits: int) -> tuple[int, ...]:
+    """``genes`` with every searched weight in format ``fmt``, TT shape index ``shape`` and ``bits``."""
+    g = list(genes)
+    for k in range(len(space._site_names)):
+        base = space._arch_len + 5 * k
+        g[base], g[base + 2], g[base + 3] = space.formats.index(fmt), shape, space.bits.index(bits)
+    return space.canonical(g)
+
+
+def test_factor_shapes_offer_quantized_low_rank_and_the_fewest_flop_shape():
+    """Beside the balanced shapes every layer may take the lopsided fewest-FLOP shape and the 2-core low rank,
+    as (quantizable) TT layers; ``factor_shapes=False`` leaves the balanced ones only."""
+    from fitformer.layers import choose_tensorization
+
+    space = DesignSpace(SHAPE, SpaceConfig(ranks=(4,), bits=(32, 4), sparsities=(0.0,), max_tt_shapes=2))
+    low = space.decode(_every_site(space, space.largest(), "tt", 3, 4))
+    flop = space.decode(_every_site(space, space.largest(), "tt", 2, 4))
+    for x, y in zip(low.all_layers(), flop.all_layers(), strict=True):
+        assert (x.in_modes, x.out_modes) == ((x.in_features, 1), (1, x.out_features))
+        assert x.params == 4 * (x.in_features + x.out_features) and x.bits == 4
+        cheapest = choose_tensorization(y.in_features, y.out_features, 32, (3,), 128)
+        assert (y.in_modes, y.out_modes) == (cheapest.in_modes, cheapest.out_modes)
+    plain = DesignSpace(SHAPE, SpaceConfig(ranks=(4,), bits=(32, 4), sparsities=(0.0,), max_tt_shapes=2,
+                                           factor_shapes=False))
+    assert plain.cardinalities.sum() < space.cardinalities.sum()
+    assert all(len(x.in_modes) == 3 for x in plain.decode(_every_site(plain, plain.largest(), "tt", 1, 4)).layers)
+
+
+@pytest.mark.parametrize("seed", range(8))
 def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
     """What the search calls a candidate's size is the file ``export`` writes: the same tensors, and bytes
     within 1% (step sizes, zero points and the safetensors index included; biases and norms as ``rest``)."""
@@ -562,7 +590,8 @@ def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
     assert shape.candidate_side_params == shape.side_params - 24 * config.hidden_size
     space = DesignSpace(shape, SpaceConfig(ranks=(2, 4, 8), bits=(32, 8, 4), sparsities=(0.0,)))
     genes = [space.largest(), space.full_model(8), space.most_compressed()] + [
-        space.sample(np.random.default_rng(s)) for s in range(3)]
+        space.sample(np.random.default_rng(s)) for s in range(3)] + [  # 4-bit low rank; the fewest-FLOP shape
+        _every_site(space, space.largest(), "tt", space.config.max_tt_shapes + k, 4) for k in (1, 0)]
     spec = space.decode(genes[seed])
     teacher = BertForSequenceClassification(config).eval()
     rest = 4 * sum(p.numel() for p in teacher.parameters()) - space.reference().weight_bytes()

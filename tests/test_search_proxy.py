@@ -96,6 +96,7 @@ def _calibration_batches(net, count: int = 16) -> list[dict[str, torch.Tensor]]:
 def test_site_sensitivity_is_first_order_and_leaves_the_model_as_it_was(tiny_model_dir):
     """Per unit of error, the loss of a small perturbation barely depends on its size (the first-order
     regime the weighted proxy relies on); the weights are restored bit for bit; the same seed repeats."""
+    torch.manual_seed(0)  # the classifier head is drawn at load: without a seed it depends on the tests run before
     net, _ = load_classifier(tiny_model_dir, num_labels=2)
     shape = EncoderShape.from_config(net.config)
     names = [n for n in WeightErrorProxy.from_model(net, shape).weights]
@@ -107,7 +108,9 @@ def test_site_sensitivity_is_first_order_and_leaves_the_model_as_it_was(tiny_mod
     assert small == site_sensitivity(net, names, batches, relative_error=0.01)
     assert all(v > 0 for v in small.values()), small
     ratios = [large[n] / small[n] for n in names]
-    assert min(ratios) > 0.7 and max(ratios) < 1.4, ratios
+    # a loss not divided by the error would give 4, a quadratic one 16 or 1/4; the tiny random model's
+    # nonlinearity spreads the ratios over 0.45-1.26 across head seeds (MiniLM: 0.7-1.4)
+    assert min(ratios) > 0.4 and max(ratios) < 2.0, ratios
     with pytest.raises(UserError, match="no layer named"):
         site_sensitivity(net, ["bert.nothing"], batches)
 

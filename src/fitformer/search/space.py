@@ -8,7 +8,10 @@ mutation and uniform crossover (HAT, Wang et al. 2020, Sec. 3.3) never produce a
 - decisions of layers beyond the chosen depth, and rank/shape/sparsity decisions a format does not use, are
   ignored (and zeroed by :meth:`DesignSpace.canonical`, so equal candidates have equal genes);
 - a TT shape gene is taken modulo the number of tensorization shapes of the layer's *current* dimensions
-  (which depend on the elastic hidden and FFN sizes); a rank is clipped to what the shape admits.
+  (which depend on the elastic hidden and FFN sizes); a rank is clipped to what the shape admits. The
+  shapes are the most balanced ones (HEAT's choice) and, unless ``SpaceConfig.factor_shapes`` is off, the
+  lopsided shape with the fewest FLOPs and the 2-core low rank ``(in, 1) x (1, out)``
+  (:func:`factor_tt_shapes`).
 
 Device constraints enter twice: the supported formats, bit widths and sparsities restrict the choice lists
 (:class:`DeviceLimits`), and a cost check (weights must fit) rejects candidates at generation time
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..layers.tensorize import _mode_tuples, bond_ranks, enumerate_shapes, tt_params
+from ..layers.tensorize import _mode_tuples, bond_ranks, choose_tensorization, enumerate_shapes, tt_params
 
 FORMATS = ("dense", "lowrank", "tt")
 FLOAT_BITS = 32  # "not quantized"
@@ -124,7 +127,8 @@ class SpaceConfig:
     formats: tuple[str, ...] = FORMATS
     ranks: tuple[int, ...] = (8, 16, 32, 64)
     tt_cores: int = 3
-    max_tt_shapes: int = 4
+    max_tt_shapes: int = 4  # balanced tensorizations per layer
+    factor_shapes: bool = True  # also the fewest-FLOP shape and the 2-core low rank (factor_tt_shapes)
     bits: tuple[int, ...] = (32, 8, 4)
     sparsities: tuple[float, ...] = (0.0, 0.5, 0.75)
     embedding: bool = True  # search the word embedding's format too
@@ -354,6 +358,27 @@ def default_tt_shapes(in_features: int, out_features: int, d: int, limit: int) -
     return tuple(sorted(pairs, key=balanced)[:limit])
 
 
+@lru_cache(maxsize=4096)
+def factor_tt_shapes(in_features: int, out_features: int, d: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]],
+                                                                          ...]:
+    """The two tensorizations a layer is offered beside the balanced ones: the ``d``-core shape with the fewest
+    FLOPs (:func:`~fitformer.layers.tensorize.choose_tensorization`, lopsided, e.g. ``192x2x2-2x2x768``) and
+    the 2-core low rank ``(in, 1) x (1, out)``.
+
+    Why: at equal bytes they keep more of a pretrained weight than a balanced shape (relative TT-SVD error of
+    MiniLM's first 384x1536 layer: 0.68 for low rank 64, 0.76 for ``96x2x2-2x2x384`` at rank 96, 0.84 for
+    ``6x8x8-6x16x16`` at rank 32, each about 130k values), and they are the shapes whose savings become speed
+    (``docs/tensorized.md``). As TT layers they are quantized like any other (a ``lowrank`` layer is not)."""
+    shapes = []
+    try:
+        s = choose_tensorization(in_features, out_features, 32, num_cores=(d,), tokens=128)
+        shapes.append((s.in_modes, s.out_modes))
+    except UserError:  # the size does not factor into d modes of at least 2
+        pass
+    shapes.append(((in_features, 1), (1, out_features)))
+    return tuple(shapes)
+
+
 TTShapeFn = Callable[[int, int, int, int], Sequence[tuple[tuple[int, ...], tuple[int, ...]]]]
 
 
@@ -383,6 +408,8 @@ class DesignSpace:
         if not self.bits:
             raise UserError(f"the device supports none of the searched bit widths {c.bits}; "
                             f"it supports {self.device.bits}")
+        # shape genes only matter to TT layers
+        self._shape_choices = c.max_tt_shapes + (2 if c.factor_shapes else 0) if "tt" in self.formats else 1
         genes = [Gene("depth", self.depths), Gene("hidden", self.hidden_sizes)]
         for layer in range(max(self.depths)):
             genes += [Gene(f"L{layer}.heads", self.head_counts), Gene(f"L{layer}.ffn", self.ffn_sizes)]
@@ -394,7 +421,7 @@ class DesignSpace:
             self._site_names.append(f"{s.embedding_prefix}.{EMBEDDING_NAME}")
         for name in self._site_names:
             genes += [Gene(f"{name}.format", self.formats), Gene(f"{name}.rank", c.ranks),
-                      Gene(f"{name}.shape", tuple(range(c.max_tt_shapes))), Gene(f"{name}.bits", self.bits),
+                      Gene(f"{name}.shape", tuple(range(self._shape_choices))), Gene(f"{name}.bits", self.bits),
                       Gene(f"{name}.sparsity", self.sparsities)]
         self.genes: tuple[Gene, ...] = tuple(genes)
         self.cardinalities = np.array([g.cardinality for g in genes], dtype=np.int64)
@@ -501,7 +528,7 @@ class DesignSpace:
             g[base + 4] = self.sparsities.index(max(self.sparsities))
             trials = []
             for fmt in range(len(self.formats)):
-                for shape in range(self.config.max_tt_shapes):
+                for shape in range(self._shape_choices):
                     trial = list(g)
                     trial[base], trial[base + 2] = fmt, shape
                     site = next(x for x in self.decode(trial).all_layers() if x.name == name)
@@ -575,7 +602,11 @@ class DesignSpace:
         raise KeyError(name)  # pragma: no cover - names come from LINEAR_SITES
 
     def _shapes(self, in_f: int, out_f: int) -> Sequence[tuple[tuple[int, ...], tuple[int, ...]]]:
-        return self.tt_shapes(in_f, out_f, self.config.tt_cores, self.config.max_tt_shapes)
+        c = self.config
+        shapes = tuple(self.tt_shapes(in_f, out_f, c.tt_cores, c.max_tt_shapes))
+        if c.factor_shapes:
+            shapes += tuple(x for x in factor_tt_shapes(in_f, out_f, c.tt_cores) if x not in shapes)
+        return shapes
 
 
 def with_device(space: DesignSpace, device: DeviceLimits) -> DesignSpace:
