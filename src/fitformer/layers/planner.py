@@ -142,23 +142,22 @@ def prepare(exe: Execution, spec: TTSpec, cores: Sequence[torch.Tensor], hook: H
         mats = [c.permute(0, 2, 1, 3).reshape(c.shape[0] * c.shape[2], c.shape[1] * c.shape[3]) for c in fused]
     else:
         mats = [c.permute(2, 3, 0, 1).reshape(c.shape[2] * c.shape[3], c.shape[0] * c.shape[1]) for c in fused]
-    for (k, _, n), mode in zip(chain_steps(spec.fused(exe.groups), exe.direction), exe.modes, strict=False):
+    for (core, m, k, n), mode in zip(chain_steps(spec.fused(exe.groups), exe.direction), exe.modes, strict=False):
         if mode == "e" and n > 1:  # kron(a.T, I_n), (k n) x (m n): the broadcast product as one GEMM
-            eye = torch.eye(n, dtype=mats[k].dtype, device=mats[k].device)
-            kk, m = mats[k].shape[1], mats[k].shape[0]
-            mats[k] = (mats[k].t()[:, None, :, None] * eye[None, :, None, :]).reshape(kk * n, m * n)
+            eye = torch.eye(n, dtype=mats[core].dtype, device=mats[core].device)
+            mats[core] = (mats[core].t()[:, None, :, None] * eye[None, :, None, :]).reshape(k * n, m * n)
     return mats
 
 
 @functools.lru_cache(maxsize=4096)
-def chain_steps(spec: TTSpec, direction: str) -> tuple[tuple[int, int, int], ...]:
-    """``(core, k, n)`` of each chain step in execution order: the state is ``(rows, k, n)`` before the core's
-    ``m x k`` matrix multiplies it (``n`` trailing modes not contracted yet; ``n == 1`` is a plain GEMM)."""
-    d = len(spec.in_modes)
+def chain_steps(spec: TTSpec, direction: str) -> tuple[tuple[int, int, int, int], ...]:
+    """``(core, m, k, n)`` of each chain step in execution order: the state is ``(rows, k, n)`` before the
+    core's ``m x k`` matrix multiplies it (``n`` trailing modes not contracted yet; ``n == 1`` is a plain
+    GEMM). Right to left the matrix is ``(r_{k-1} o_k) x (i_k r_k)``, left to right ``(o_k r_k) x (r_{k-1} i_k)``."""
+    d, i, o, r = len(spec.in_modes), spec.in_modes, spec.out_modes, spec.ranks
     if direction == "rtl":
-        return tuple((k, spec.in_modes[k] * spec.ranks[k + 1], prod(spec.out_modes[k + 1:]))
-                     for k in range(d - 1, -1, -1))
-    return tuple((k, spec.ranks[k] * spec.in_modes[k], prod(spec.in_modes[k + 1:])) for k in range(d))
+        return tuple((k, r[k] * o[k], i[k] * r[k + 1], prod(o[k + 1:])) for k in range(d - 1, -1, -1))
+    return tuple((k, o[k] * r[k + 1], r[k] * i[k], prod(i[k + 1:])) for k in range(d))
 
 
 def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direction: str,
@@ -172,8 +171,8 @@ def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direc
     """
     steps = chain_steps(spec, direction)
     s = x
-    for step, (k, kk, n) in enumerate(steps):
-        a = mats[k]
+    for step, (core, _, kk, n) in enumerate(steps):
+        a = mats[core]
         mode = modes[step] if modes else "b"
         if n == 1:
             s = s.reshape(-1, kk) @ a.t()
@@ -480,8 +479,7 @@ class Planner:
         """Drop chains whose mode letters only differ on plain-GEMM steps (``n == 1``, where they are unused),
         and expanded steps whose matrix would outgrow the dense weight (slower than the dense GEMM alone)."""
         f = spec.fused(exe.groups)
-        for mode, (core, k, n) in zip(exe.modes, chain_steps(f, exe.direction), strict=True):
-            m = f.ranks[core + (exe.direction == "ltr")] * f.out_modes[core]
+        for mode, (_, m, k, n) in zip(exe.modes, chain_steps(f, exe.direction), strict=True):
             if (n == 1 and mode != "b") or (mode == "e" and m * k * n * n > spec.in_padded * spec.out_padded):
                 return False
         return True
