@@ -541,6 +541,26 @@ def test_most_compressed_is_the_full_architecture_at_its_fewest_bytes():
     assert all(small.weight_bytes() <= o.weight_bytes() for o in full_arch)
 
 
+def test_uniform_models_cover_every_factorised_format_shape_and_rank_at_full_depth():
+    """One start per (format, shape, rank): the full architecture, every searched weight alike at the lowest
+    bit width, all distinct, spread over sizes (the search starts near any size limit)."""
+    space = DesignSpace(SHAPE, SpaceConfig(ranks=(4, 8), bits=(32, 4), sparsities=(0.0,), max_tt_shapes=2))
+    starts = space.uniform_models()
+    specs = [space.decode(g) for g in starts]
+    assert len(set(starts)) == len(starts) == 2 * (1 + 2 + 2)  # ranks x (low rank + balanced + factor shapes)
+    full = space.decode(space.largest()).arch
+    for spec in specs:
+        sites = spec.all_layers()
+        assert spec.arch == full and len({(x.format, x.bits) for x in sites}) == 1
+        assert {x.format for x in sites} <= {"lowrank", "tt"} and sites[0].bits == (32 if sites[0].format ==
+                                                                                 "lowrank" else 4)
+    assert {(x.layers[0].format, x.layers[0].rank) for x in specs} >= {("lowrank", 4), ("lowrank", 8)}
+    sizes = sorted(s.weight_bytes() for s in specs)
+    assert sizes[-1] > 3 * sizes[0]
+    dense_only = DesignSpace(SHAPE, SpaceConfig(formats=("dense",), bits=(32, 8), sparsities=(0.0,)))
+    assert dense_only.uniform_models() == []
+
+
 def _every_site(space: DesignSpace, genes: tuple[int, ...], fmt: str, shape: int, bits: int) -> tuple[int, ...]:
     """``genes`` with every searched weight in format ``fmt``, TT shape index ``shape`` and ``bits``."""
     g = list(genes)

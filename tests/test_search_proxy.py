@@ -132,8 +132,10 @@ def test_weight_proxy_is_the_sensitivity_weighted_mean(tiny_model_dir):
     assert even(spec)["proxy_loss"] == pytest.approx(plain(spec)["proxy_loss"])
     measured = WeightErrorProxy.from_model(net, shape, batches=_calibration_batches(net))
     assert set(measured.sensitivity) == set(plain.weights)
-    assert min(errors.values()) <= measured(spec)["proxy_loss"] <= max(errors.values())
-    assert measured(spec)["proxy_loss"] != pytest.approx(plain(spec)["proxy_loss"], rel=1e-6)
+    output_errors = [measured._layer_error(x) for x in spec.layers]
+    assert min(output_errors) <= measured(spec)["proxy_loss"] <= max(output_errors)
+    unweighted = WeightErrorProxy(measured.weights, shape, moments=measured.moments)
+    assert measured(spec)["proxy_loss"] != pytest.approx(unweighted(spec)["proxy_loss"], rel=1e-6)
     with pytest.raises(UserError, match="sensitivity"):
         WeightErrorProxy(plain.weights, shape, sensitivity=dict.fromkeys(plain.weights, 0.0))
 
@@ -161,3 +163,82 @@ def test_weight_proxy_scores_a_sub_network_layer_as_the_full_model_layer_it_keep
     lost = sum(weight[n] for n in sites if ".layer.1." in n) / sum(weight[n] for n in sites)
     assert proxy(full)["proxy_loss"] == 0.0
     assert proxy(shallow)["proxy_loss"] == pytest.approx(lost)
+
+
+def _tiny_net():
+    from transformers import BertForSequenceClassification
+
+    from fitformer.models import tiny_bert_config
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config()).eval()
+
+
+def _padded_batch(net, seed: int = 2) -> dict[str, torch.Tensor]:
+    """Eight sequences of 3-12 real tokens padded to 12."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, net.config.vocab_size, (8, 12), generator=g)
+    lengths = torch.randint(3, 13, (8,), generator=g)
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.arange(8) % 2}
+
+
+def _layer_inputs(net, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The real (unpadded) tokens entering layer ``name``, as rows."""
+    seen = []
+    handle = dict(net.named_modules())[name].register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        net(**{k: v for k, v in batch.items() if k != "labels"})
+    handle.remove()
+    return seen[0][batch["attention_mask"].bool()].double()
+
+
+def test_input_moments_count_real_tokens_and_give_the_output_error():
+    """The moment is the mean of x x^T over real tokens only (padding changes nothing); with it, the proxy's
+    rounding and pruning errors are the relative output errors measured on those tokens."""
+    from fitformer.search.proxy import _quant_round, _rel_prune_error, input_moments
+
+    net = _tiny_net()
+    name = "bert.encoder.layer.0.intermediate.dense"
+    batch = _padded_batch(net)
+    x = _layer_inputs(net, name, batch)
+    moment = input_moments(net, [name], [batch], ridge=0.0)[name]
+    assert torch.allclose(moment, x.T @ x / len(x), atol=1e-10)
+    garbage = {**batch, "input_ids": torch.where(batch["attention_mask"].bool(), batch["input_ids"], 7)}
+    assert torch.allclose(input_moments(net, [name], [garbage], ridge=0.0)[name], moment, atol=1e-10)
+    w = net.get_submodule(name).weight.detach().double()
+
+    def output_error(approx: torch.Tensor) -> float:
+        return float(((x @ (approx - w).T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+
+    assert _rel_quant_error(w, 3, moment) == pytest.approx(output_error(_quant_round(w, 3)), rel=1e-9)
+    pruned = w.clone().reshape(w.shape[0], -1, 4)
+    pruned.scatter_(-1, pruned.abs().topk(2, dim=-1, largest=False).indices, 0.0)
+    assert _rel_prune_error(w, 0.5, moment=moment) == pytest.approx(output_error(pruned.reshape(w.shape)), rel=1e-9)
+    assert _rel_prune_error(w, 0.5) != pytest.approx(_rel_prune_error(w, 0.5, moment=moment), rel=1e-3)
+    with pytest.raises(UserError, match="no linear layer"):
+        input_moments(net, ["bert.embeddings.word_embeddings"], [batch])
+
+
+def test_output_error_proxy_is_the_weight_proxy_under_white_inputs_and_sees_low_rank_inputs():
+    """Identity moments give the weight proxy exactly; inputs confined to k directions make a rank-k
+    factorization lossless on the outputs though it loses much of the weight."""
+    net = _tiny_net()
+    shape = EncoderShape.from_config(net.config)
+    plain = WeightErrorProxy.from_model(net, shape)
+    white = {n: torch.eye(w.shape[1], dtype=torch.float64) for n, w in plain.weights.items()
+             if not n.endswith(EMBEDDING_NAME)}
+    whitened = WeightErrorProxy(plain.weights, shape, moments=white)
+    space = DesignSpace(shape, SpaceConfig(depths=(1, 2), heads=(2, 4), ffn_sizes=(32, 64), ranks=(2, 4),
+                                           tt_cores=2, max_tt_shapes=2, bits=(32, 8, 4), sparsities=(0.0, 0.5),
+                                           embedding=False))
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        spec = space.decode(space.sample(rng))
+        assert whitened(spec)["proxy_loss"] == pytest.approx(plain(spec)["proxy_loss"], rel=1e-6)
+
+    name = "bert.encoder.layer.0.attention.self.query"
+    basis = torch.linalg.qr(torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))[0]
+    confined = WeightErrorProxy(plain.weights, shape, moments={name: basis @ basis.T})
+    low_rank = LayerSpec(name, 32, 32, "lowrank", 3)
+    assert confined._layer_error(low_rank) < 1e-9 < 0.3 < plain._layer_error(low_rank)

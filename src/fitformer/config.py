@@ -84,7 +84,7 @@ class RunConfig(BaseModel):
                                          "(bench_distill) but collapses 4-bit QAT TT ones (docs/distillation.md).")
     sensitivity_examples: int = Field(64, ge=0, description="Training examples that measure each layer's "
                                       "sensitivity, the weight of its error in the search's proxy "
-                                      "(0: every layer weighs the same).")
+                                      "(0: every layer weighs the same and is scored on its weights, not its outputs).")
     refit_steps: int = Field(200, ge=0, description="Adam steps fitting each factorized (TT, low-rank) layer "
                              "to the teacher's outputs on calibration tokens before distillation (0: TT-SVD only).")
     seq_len: int = Field(128, ge=1, description="Tokens per example of the cost model.")

@@ -32,6 +32,7 @@ from .rundir import RunDir
 
 Log = Callable[[str], None]
 BASELINE = "baseline:"  # evaluation rows of baselines (compared, never chosen)
+MOMENT_EXAMPLES = 256  # training examples whose tokens give each layer's input moments (the proxy's output error)
 REFIT_SHARE = 1 / 3  # most of a candidate's training time its refit may take; distillation gets the rest
 
 
@@ -178,10 +179,11 @@ class Pipeline:
         slug = _device_slug(device)
         run.file("search").mkdir(exist_ok=True)
         with RunStore(run.file(f"search/{slug}.sqlite")) as store:
-            store.check_meta({"device": spec.name, "genes": len(space), "seed": c.seed})
+            store.check_meta({"device": spec.name, "genes": len(space), "seed": c.seed, "proxy": "output-error"})
             result = nsga2(Session(problem, c.search_budget, store=store), seed=c.seed,
                            config=NSGA2Config(population=c.population),
-                           start=[space.full_model(b) for b in space.bits if b < 32] + [space.most_compressed()])
+                           start=[space.full_model(b) for b in space.bits if b < 32] + [space.most_compressed()]
+                           + space.uniform_models())
         on_front = {x.key for x in result.front}
         history = [{**x.to_dict(), "front": x.key in on_front,
                     "model_bytes": x.metrics["size_bytes"] + rest} for x in result.history]
@@ -221,9 +223,11 @@ class Pipeline:
             n = min(self.config.sensitivity_examples, len(train))
             if n:
                 self.log(f"measuring each layer's sensitivity on {n} training examples")
+            moments = train.select(range(min(MOMENT_EXAMPLES, len(train)))).batches(32)
             self._weight_proxy = WeightErrorProxy.from_model(
                 self.teacher.model, self.shape, train.token_counts(self.teacher.model.config.vocab_size),
-                batches=list(train.select(range(n)).batches(32)) if n else None, seed=self.config.seed)
+                batches=list(train.select(range(n)).batches(32)) if n else None, seed=self.config.seed,
+                moment_batches=list(moments))
         return self._weight_proxy
 
     def _modelled(self, spec_dict: dict[str, Any]) -> dict[str, dict[str, float]]:

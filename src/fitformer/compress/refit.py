@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import UserError
 from ..layers.lowrank import LowRankLinear
 from ..layers.tt import TTEmbedding, TTLinear
+from ..models.activations import record_layer_inputs
 
 FACTORIZED = (TTLinear, LowRankLinear)
 
@@ -47,30 +48,8 @@ def _collect_inputs(teacher: nn.Module, names: list[str], batches: Iterable[dict
                     max_tokens: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Inputs of the teacher's layers ``names`` at real (unmasked) tokens, at most ``max_tokens`` of each,
     and every calibration token id."""
-    modules = dict(teacher.named_modules())
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    ids: list[torch.Tensor] = []
-    mask: list[torch.Tensor] = []
-
-    def hook(name: str):
-        def record(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()  # per token (B, L, in): real tokens only; per sequence (a pooler): every row
-            seen[name].append(x[mask[0]] if x.shape[:-1] == mask[0].shape else x.reshape(-1, x.shape[-1]))
-        return record
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask[:] = [batch["attention_mask"].bool()]
-                ids.append(batch["input_ids"][mask[0]])
-                teacher(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        for h in handles:
-            h.remove()
-        teacher.train(was_training)
+    ids = record_layer_inputs(teacher, names, batches, lambda name, rows: seen[name].append(rows))
     if not ids:
         raise UserError("refit got no calibration batches; pass at least one batch of inputs")
 

@@ -21,8 +21,16 @@
   (:func:`site_sensitivity`: the distillation loss when only that layer's rows carry a set relative error of
   random noise), so the proxy is a sensitivity-weighted mean: on the fine-tuned MiniLM the word embedding
   measured 5.8x the mean layer, the FFN input layers of the first three blocks 3.2-3.9x, every layer of the
-  last two blocks at most 0.4x, where the unweighted mean counts each of the 37 layers alike. Milliseconds
-  per candidate once its cache is warm.
+  last two blocks at most 0.4x, where the unweighted mean counts each of the 37 layers alike. Given
+  calibration batches, each linear layer is also scored on its *outputs* rather than its weights: with its
+  inputs' second moment ``C`` (:func:`input_moments`, real tokens only), an error ``D`` counts as
+  ``tr(D C D^T) / tr(W C W^T)``, and factorisations are fitted to ``W C^(1/2)`` (the data-aware fit the
+  refit and distillation make; the word embedding's token-count weighting is the same rule for one-hot
+  inputs). Transformer activations are far from isotropic, so on MiniLM this lowers a factorised layer's
+  error several-fold (the first FFN output layer at lopsided TT rank 32: 0.85 on the weights, 0.02 on the
+  outputs) while a dropped layer still loses everything: scored on weights, a 4-bit TT layer at rank 32
+  looked nearly as lost as a dropped one, and the search preferred shallow models that distilled worse
+  than full-depth ones of their size. Milliseconds per candidate once its cache is warm.
 """
 
 from __future__ import annotations
@@ -40,31 +48,85 @@ from ..compress.quant import QuantPlan
 from ..errors import UserError
 from ..layers.quant import core_quantizers
 from ..layers.tt import merge_cores, tt_svd
+from ..models.activations import record_layer_inputs
 from ..models.elastic import kept_layers
 from ..train.losses import logits_kl
 from .cost import spec_to_plan
 from .space import EMBEDDING_NAME, CandidateSpec, EncoderShape, LayerSpec
 
+MOMENT_RIDGE = 0.01  # of the mean eigenvalue, added to each input moment (see input_moments)
 
-def _rel_quant_error(w: torch.Tensor, bits: int) -> float:
-    """Relative squared error of symmetric per-row round-to-nearest at ``bits``."""
-    if bits >= 32:
-        return 0.0
+
+def _rel_error(delta: torch.Tensor, ref: torch.Tensor, moment: torch.Tensor | None = None) -> float:
+    """Relative squared error of ``ref + delta`` against ``ref`` (``out x in``): of the weights, or given the
+    inputs' second moment ``C``, of the outputs, ``tr(D C D^T) / tr(W C W^T)``."""
+    if moment is None:
+        return float((delta**2).sum() / (ref**2).sum().clamp_min(1e-30))
+    delta, ref, moment = delta.double(), ref.double(), moment.double()
+    return float(((delta @ moment) * delta).sum() / ((ref @ moment) * ref).sum().clamp_min(1e-300))
+
+
+def _quant_round(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-row round-to-nearest of ``w`` at ``bits``."""
     qmax = 2 ** (bits - 1) - 1
     scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
-    q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
-    return float(((q - w) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
+    return torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
 
 
-def _rel_prune_error(w: torch.Tensor, sparsity: float, m: int = 4) -> float:
-    """Relative squared error of keeping the largest ``n`` of every ``m`` consecutive weights of a row."""
+def _rel_quant_error(w: torch.Tensor, bits: int, moment: torch.Tensor | None = None) -> float:
+    """Relative squared error (see :func:`_rel_error`) of symmetric per-row round-to-nearest at ``bits``."""
+    if bits >= 32:
+        return 0.0
+    return _rel_error(_quant_round(w, bits) - w, w, moment)
+
+
+def _rel_prune_error(w: torch.Tensor, sparsity: float, m: int = 4, moment: torch.Tensor | None = None) -> float:
+    """Relative squared error (see :func:`_rel_error`) of keeping the largest ``n`` of every ``m`` consecutive
+    weights of a row."""
     if sparsity <= 0:
         return 0.0
     n = max(1, round(m * (1 - sparsity)))
     cols = w.shape[1] - w.shape[1] % m
-    blocks = w[:, :cols].reshape(w.shape[0], -1, m).abs()
-    dropped = torch.topk(blocks, m - n, dim=-1, largest=False).values
-    return float((dropped**2).sum() / (w**2).sum().clamp_min(1e-30))
+    blocks = w[:, :cols].reshape(w.shape[0], -1, m)
+    dropped = torch.topk(blocks.abs(), m - n, dim=-1, largest=False).indices
+    delta = torch.zeros_like(w)
+    delta[:, :cols] = (blocks.scatter(-1, dropped, 0.0) - blocks).reshape(w.shape[0], -1)
+    return _rel_error(delta, w, moment)
+
+
+def input_moments(model: nn.Module, names: Sequence[str], batches: Sequence[dict[str, torch.Tensor]],
+                  ridge: float = MOMENT_RIDGE) -> dict[str, torch.Tensor]:
+    """Second moment ``E[x x^T]`` (float64, ``in x in``) of the input of each named linear layer over the real
+    tokens of ``batches`` (padding excluded), plus ``ridge`` times its mean eigenvalue on the diagonal.
+
+    Why the ridge: a few thousand calibration tokens leave directions of a 1536-wide input unseen, and a
+    factorization that drops them would score no error there although the test data reach them a little."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+    if missing:
+        raise UserError(f"no linear layer named {missing[0]!r}; give names of nn.Linear modules")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+
+    def accumulate(name: str, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        sums[name] = sums.get(name, 0) + rows.T @ rows
+        counts[name] += rows.shape[0]
+
+    record_layer_inputs(model, list(names), batches, accumulate)
+    out = {}
+    for n in names:
+        if not counts[n]:
+            raise UserError(f"layer {n!r} saw no tokens in the calibration batches; pass non-empty batches")
+        moment = sums[n] / counts[n]
+        out[n] = moment + torch.eye(len(moment), dtype=moment.dtype) * (ridge * moment.trace() / len(moment))
+    return out
+
+
+def _psd_sqrt(moment: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a positive semi-definite matrix."""
+    values, vectors = torch.linalg.eigh(moment.double())
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
 
 
 def _rel_tt_error(matrix: torch.Tensor, in_modes: tuple[int, ...], out_modes: tuple[int, ...], rank: int,
@@ -103,7 +165,8 @@ def _kd_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], teach
 
 
 def site_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[dict[str, torch.Tensor]],
-                     relative_error: float = 0.05, temperature: float = 2.0, seed: int = 0) -> dict[str, float]:
+                     relative_error: float = 0.05, temperature: float = 2.0, seed: int = 0,
+                     moments: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Distillation loss per unit of relative squared weight error, per layer: how much the output moves when
     only that layer is perturbed.
 
@@ -111,7 +174,9 @@ def site_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[d
     layer's relative error is ``relative_error`` both plainly and weighted by any row weighting (the word
     embedding's token counts); the loss is that of :class:`KDProxy` on ``batches``. To first order the loss
     of small errors adds up over layers as ``sum(sensitivity * error)``, which is what weighting the proxy by
-    these values approximates. One forward pass over ``batches`` per layer; the weights are restored."""
+    these values approximates. Given a layer's input ``moments`` (:func:`input_moments`), the loss is per unit
+    of the noise's relative *output* error (:func:`_rel_error`), the error the proxy then scores that layer on.
+    One forward pass over ``batches`` per layer; the weights are restored."""
     if not 0 < relative_error < 1:
         raise UserError(f"relative_error must lie in (0, 1), got {relative_error}")
     modules = dict(model.named_modules())
@@ -137,22 +202,27 @@ def site_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[d
         finally:
             with torch.no_grad():
                 weight.copy_(original)
-        out[name] = max(0.0, loss / max(count, 1)) / relative_error
+        moment = (moments or {}).get(name)
+        error = relative_error if moment is None else _rel_error(noise, original.float(), moment)
+        out[name] = max(0.0, loss / max(count, 1)) / error
     model.train(was_training)
     return out
 
 
 @dataclass
 class WeightErrorProxy:
-    """Mean relative weight error of a candidate's layers; ``weights`` maps module name -> dense weight
-    (``out x in``, as ``nn.Linear`` stores it; the embedding as ``vocab x hidden``); ``sensitivity`` maps
-    module name -> weight of its error in the mean (missing: the mean of the given ones; None: all equal)."""
+    """Mean relative error of a candidate's layers; ``weights`` maps module name -> dense weight (``out x in``,
+    as ``nn.Linear`` stores it; the embedding as ``vocab x hidden``); ``sensitivity`` maps module name ->
+    weight of its error in the mean (missing: the mean of the given ones; None: all equal); ``moments`` maps a
+    linear layer's name -> its inputs' second moment (:func:`input_moments`), which makes its error that of
+    its outputs on the task's data (missing: of its weights)."""
 
     weights: dict[str, torch.Tensor]
     shape: EncoderShape
     token_counts: torch.Tensor | None = None  # per vocabulary row: weights the word embedding's error
     sensitivity: dict[str, float] | None = None
-    _cache: dict[tuple, float] = field(default_factory=dict, repr=False)
+    moments: dict[str, torch.Tensor] | None = None
+    _cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
     _site_weight: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -175,14 +245,20 @@ class WeightErrorProxy:
 
     @classmethod
     def from_model(cls, model: nn.Module, shape: EncoderShape, token_counts: torch.Tensor | None = None,
-                   batches: Sequence[dict[str, torch.Tensor]] | None = None, seed: int = 0) -> WeightErrorProxy:
-        """The proxy of ``model``'s layers; with calibration ``batches``, weighted by :func:`site_sensitivity`
-        (noise drawn with ``seed``)."""
+                   batches: Sequence[dict[str, torch.Tensor]] | None = None, seed: int = 0,
+                   moment_batches: Sequence[dict[str, torch.Tensor]] | None = None) -> WeightErrorProxy:
+        """The proxy of ``model``'s layers; with calibration ``batches``, each linear layer scored on its
+        outputs (input moments over ``moment_batches``, default ``batches``) and weighted by
+        :func:`site_sensitivity` per unit of that error (noise drawn with ``seed``)."""
         weights = {name: m.weight.detach().float().clone() for name, m in model.named_modules()
                    if isinstance(m, (nn.Linear, nn.Embedding)) and (name.startswith(shape.prefix)
                                                                     or name.endswith(EMBEDDING_NAME))}
-        sensitivity = site_sensitivity(model, list(weights), batches, seed=seed) if batches else None
-        return cls(weights, shape, token_counts, sensitivity)
+        if not batches:
+            return cls(weights, shape, token_counts)
+        linears = [n for n in weights if not n.endswith(EMBEDDING_NAME)]
+        moments = input_moments(model, linears, moment_batches or batches)
+        sensitivity = site_sensitivity(model, list(weights), batches, seed=seed, moments=moments)
+        return cls(weights, shape, token_counts, sensitivity, moments)
 
     def __call__(self, spec: CandidateSpec) -> dict[str, float]:
         names = [n for n in self._all_site_names()
@@ -231,26 +307,52 @@ class WeightErrorProxy:
         if key not in self._cache:
             full = self.weights[x.name]
             part = self._slice(x)
-            kept = float((part**2).sum() / (full**2).sum().clamp_min(1e-30))
-            rounding = 0.0 if x.format == "tt" else _rel_quant_error(part, x.bits)  # TT: in _factor_error
-            err = self._factor_error(x, part) + rounding + _rel_prune_error(part, x.sparsity)
+            moment = self._moment(x.name, part.shape[1])
+            kept = 1.0 - _rel_error(self._dropped(full, part), full, self._moment(x.name, full.shape[1]))
+            kept = min(1.0, max(0.0, kept))
+            rounding = 0.0 if x.format == "tt" else _rel_quant_error(part, x.bits, moment)  # TT: in _factor_error
+            err = self._factor_error(x, part) + rounding + _rel_prune_error(part, x.sparsity, moment=moment)
             self._cache[key] = (1.0 - kept) + kept * min(1.0, err)
         return self._cache[key]
+
+    @staticmethod
+    def _dropped(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """``-full`` where a sub-network's slice ``part`` (its leading rows and columns) does not reach."""
+        delta = -full.clone()
+        delta[: part.shape[0], : part.shape[1]] = 0.0
+        return delta
+
+    def _moment(self, name: str, width: int) -> torch.Tensor | None:
+        """The input moment of a layer's leading ``width`` inputs (None: score its weights)."""
+        moment = (self.moments or {}).get(name)
+        return None if moment is None else moment[:width, :width]
+
+    def _whitened(self, name: str, part: torch.Tensor) -> torch.Tensor:
+        """``part @ C^(1/2)``: its Frobenius norm is the output norm on the task's inputs, so factorising it
+        minimises the output error (for a 2-core TT, exactly the data-aware low-rank fit), not the weight's."""
+        moment = self._moment(name, part.shape[1])
+        if moment is None:
+            return part
+        key = ("sqrt", name, part.shape[1])
+        if key not in self._cache:
+            self._cache[key] = _psd_sqrt(moment)
+        return (part.double() @ self._cache[key]).to(part.dtype)
 
     def _factor_error(self, x: LayerSpec, part: torch.Tensor) -> float:
         key = ("factor", x.name, tuple(part.shape), x.format, x.rank, x.in_modes, x.out_modes,
                x.bits if x.format == "tt" else 32)
+        if x.format not in ("lowrank", "tt"):
+            return 0.0
         if key not in self._cache:
+            part = self._whitened(x.name, part)
             if x.format == "lowrank":
                 s = torch.linalg.svdvals(part.double())
                 self._cache[key] = float((s[x.rank:] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
-            elif x.format == "tt":
+            else:
                 mat = part if x.name.endswith(EMBEDDING_NAME) else part.t()  # in x out
                 padded = torch.zeros(math.prod(x.in_modes), math.prod(x.out_modes), dtype=mat.dtype)
                 padded[: mat.shape[0], : mat.shape[1]] = mat
                 self._cache[key] = _rel_tt_error(padded, x.in_modes, x.out_modes, x.rank, x.bits)
-            else:
-                self._cache[key] = 0.0
         return self._cache[key]
 
 
