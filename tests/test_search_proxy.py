@@ -206,6 +206,10 @@ def test_input_moments_count_real_tokens_and_give_the_output_error():
     assert torch.allclose(moment, x.T @ x / len(x), atol=1e-10)
     garbage = {**batch, "input_ids": torch.where(batch["attention_mask"].bool(), batch["input_ids"], 7)}
     assert torch.allclose(input_moments(net, [name], [garbage], ridge=0.0)[name], moment, atol=1e-10)
+    unmasked = {"input_ids": batch["input_ids"]}  # no mask: every position counts
+    everything = _layer_inputs(net, name, {**unmasked, "attention_mask": torch.ones_like(batch["input_ids"])})
+    assert torch.allclose(input_moments(net, [name], [unmasked], ridge=0.0)[name],
+                          everything.T @ everything / len(everything), atol=1e-10)
     w = net.get_submodule(name).weight.detach().double()
 
     def output_error(approx: torch.Tensor) -> float:

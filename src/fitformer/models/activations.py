@@ -35,7 +35,8 @@ def record_layer_inputs(model: nn.Module, names: list[str], batches: Iterable[di
     try:
         with torch.no_grad():
             for batch in batches:
-                mask[:] = [batch["attention_mask"].bool()]
+                given = batch.get("attention_mask")  # without one, every position is a real token
+                mask[:] = [given.bool() if given is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool)]
                 ids.append(batch["input_ids"][mask[0]])
                 model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
