@@ -129,7 +129,7 @@ def pipeline_space(shape: EncoderShape, device: Any) -> DesignSpace:
 
 def spread_candidates(space: DesignSpace, proxy: WeightErrorProxy, cost: AnalyticCost, count: int, seed: int = 0
                       ) -> list[CandidateSpec]:
-    """``count`` distinct candidates whose weight-error proxy spans its range evenly: a pool of an NSGA-II run
+    """``count`` distinct candidates whose proxy spans its range evenly: a pool of an NSGA-II run
     (what the pipeline distils) and of mutants of the dense model (the mildly compressed end), then the
     candidate nearest each of ``count`` evenly spaced proxy values."""
     problem = Problem(space, cost, CombinedEvaluator(cost, proxy), objectives=("proxy_loss", "latency_ms"))
@@ -156,7 +156,9 @@ def kendall_tau(x: list[float], y: list[float]) -> float:
 
 
 def proxy_agreement(count: int, minutes: float, train_examples: int, max_length: int) -> dict[str, Any]:
-    """Weight-error and KD proxies of ``count`` candidates vs their validation accuracy after distillation."""
+    """The search's proxy (layer errors on the outputs, sensitivity-weighted, as ``fitformer compress`` builds
+    it), the weights-only and the KD proxies of ``count`` candidates vs their validation accuracy after
+    distillation."""
     from fitformer.train import DistillConfig, DistillData, distill, get_teacher
 
     teacher = get_teacher()
@@ -168,11 +170,12 @@ def proxy_agreement(count: int, minutes: float, train_examples: int, max_length:
     train = teacher.encoded("train", max_length)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     calib = [train.batch(pick[i * 32:(i + 1) * 32]) for i in range(4)]  # 128 examples, not trained on below
+    search = WeightErrorProxy.from_model(teacher.model, shape, batches=calib[:2], moment_batches=calib)
     kd = KDProxy(teacher.model, shape, calib)
     data = DistillData(train.select(pick[128:128 + train_examples]), teacher.encoded("validation", max_length),
                        teacher.label_names)
     rows = []
-    for i, spec in enumerate(spread_candidates(space, weights, cost, count)):
+    for i, spec in enumerate(spread_candidates(space, search, cost, count)):
         t0 = time.perf_counter()
         k = kd(spec)
         student = apply_plan(teacher.model, spec_to_plan(spec, shape))
@@ -184,7 +187,8 @@ def proxy_agreement(count: int, minutes: float, train_examples: int, max_length:
         row = {"candidate": i, "key": spec.key()[:12], "depth": spec.arch.num_layers,
                "dense": formats.count("dense"), "lowrank": formats.count("lowrank"), "tt": formats.count("tt"),
                "int8": sum(x.bits == 8 for x in spec.layers), "size_mb": spec.weight_bytes() / 1e6,
-               "weight_proxy": weights(spec)["proxy_loss"], "kd_proxy": k["proxy_loss"],
+               "output_proxy": search(spec)["proxy_loss"], "weight_proxy": weights(spec)["proxy_loss"],
+               "kd_proxy": k["proxy_loss"],
                "calib_accuracy": k["accuracy"], "accuracy": result.validation_accuracy, "steps": result.steps,
                "seconds": time.perf_counter() - t0}
         print("proxy candidate " + ", ".join(f"{n} {v:.4g}" if isinstance(v, float) else f"{n} {v}"
@@ -192,6 +196,7 @@ def proxy_agreement(count: int, minutes: float, train_examples: int, max_length:
         rows.append(row)
     acc = [r["accuracy"] for r in rows]
     return {"rows": rows, "teacher_validation_accuracy": teacher.evaluate("validation").accuracy,
+            "tau_output": kendall_tau([-r["output_proxy"] for r in rows], acc),
             "tau_weights": kendall_tau([-r["weight_proxy"] for r in rows], acc),
             "tau_kd": kendall_tau([-r["kd_proxy"] for r in rows], acc),
             "tau_calib_accuracy": kendall_tau([r["calib_accuracy"] for r in rows], acc),
@@ -244,7 +249,7 @@ def main() -> None:
     wins = {n: sum(r[n] > r["random"] for r in rows) for n in ("nsga2", "evolution")}
     stem = "search.quick" if args.quick else "search"
     plot(fronts, proxy, RESULTS / f"{stem}.png")
-    payload = {"seeds": rows, "candidates_per_second": cps, "proxy_kendall_tau": proxy["tau_weights"],
+    payload = {"seeds": rows, "candidates_per_second": cps, "proxy_kendall_tau": proxy["tau_output"],
                "budget": budget, "population": population, "median_hypervolume": median,
                "seeds_beating_random": wins, "device": DEVICE, "search_minutes": search_minutes,
                "proxy": {k: v for k, v in proxy.items()}}
@@ -260,15 +265,17 @@ def main() -> None:
         f"{len(rows)} (target: 8/10, and no worse than `optuna_nsga2` at the median). Candidates per second "
         f"(decode + analytic cost, proxy excluded, one thread): {cps:.0f} (target 100).", "",
         f"Proxy agreement: {len(proxy['rows'])} candidates of the pipeline's design space spread over the "
-        f"weight-error proxy's range, each distilled for {proxy['distill_minutes']:g} min "
+        f"search proxy's range, each distilled for {proxy['distill_minutes']:g} min "
         f"({proxy['train_examples']} training examples, max length {proxy['max_length']}, progressive schedule) "
         f"from the fine-tuned teacher (validation accuracy {proxy['teacher_validation_accuracy']:.3f}); "
         f"validation accuracy after distillation {lo:.3f} to {hi:.3f}. Kendall tau with accuracy "
-        f"(minus proxy loss; target 0.6): weight-error proxy **{proxy['tau_weights']:.2f}** "
-        f"(`proxy_kendall_tau`, the search's proxy), KD-loss proxy {proxy['tau_kd']:.2f}, calibration "
+        f"(minus proxy loss; target 0.6): the search's proxy (errors on layer outputs, sensitivity-weighted, "
+        f"calibrated on 128 training rows) **{proxy['tau_output']:.2f}** (`proxy_kendall_tau`), the same on "
+        f"the weights alone {proxy['tau_weights']:.2f}, KD-loss proxy {proxy['tau_kd']:.2f}, calibration "
         f"accuracy before distillation {proxy['tau_calib_accuracy']:.2f}.", "",
         markdown_table(proxy["rows"], ["candidate", "depth", "dense", "lowrank", "tt", "int8", "size_mb",
-                                       "weight_proxy", "kd_proxy", "calib_accuracy", "accuracy", "steps"], ".3f"),
+                                       "output_proxy", "weight_proxy", "kd_proxy", "calib_accuracy", "accuracy",
+                                       "steps"], ".3f"),
         "", f"![Pareto fronts and proxy agreement](benchmarks/results/{stem}.png)",
     ])
     write_results("search", payload, md, quick=args.quick)

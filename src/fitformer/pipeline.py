@@ -33,6 +33,7 @@ from .rundir import RunDir
 Log = Callable[[str], None]
 BASELINE = "baseline:"  # evaluation rows of baselines (compared, never chosen)
 MOMENT_EXAMPLES = 256  # training examples whose tokens give each layer's input moments (the proxy's output error)
+ALLOCATED_STARTS = 8  # per-layer allocated plans (search.allocate) in the search's first population
 REFIT_SHARE = 1 / 3  # most of a candidate's training time its refit may take; distillation gets the rest
 
 
@@ -154,6 +155,7 @@ class Pipeline:
     def _search_stage(self, run: RunDir, device: str) -> tuple[Any, list[str]]:
         from .hardware import get_device
         from .search import DesignSpace, NSGA2Config, Problem, RunStore, Session, SpaceConfig, nsga2
+        from .search.allocate import allocate
         from .search.cost import AnalyticCost, device_limits
         from .search.proxy import CombinedEvaluator
 
@@ -179,11 +181,15 @@ class Pipeline:
         slug = _device_slug(device)
         run.file("search").mkdir(exist_ok=True)
         with RunStore(run.file(f"search/{slug}.sqlite")) as store:
-            store.check_meta({"device": spec.name, "genes": len(space), "seed": c.seed, "proxy": "output-error"})
+            store.check_meta({"device": spec.name, "genes": len(space), "seed": c.seed, "proxy": "output-error",
+                              "starts": "allocated"})
+            self.log(f"allocating formats, ranks and bits per layer on {device}")
+            allocated = allocate(space, evaluator, space.largest(), c.objective_metric,
+                                 limits.get(c.objective_metric), points=ALLOCATED_STARTS)
             result = nsga2(Session(problem, c.search_budget, store=store), seed=c.seed,
                            config=NSGA2Config(population=c.population),
-                           start=[space.full_model(b) for b in space.bits if b < 32] + [space.most_compressed()]
-                           + space.uniform_models())
+                           start=allocated + [space.full_model(b) for b in space.bits if b < 32]
+                           + [space.most_compressed()] + space.uniform_models())
         on_front = {x.key for x in result.front}
         history = [{**x.to_dict(), "front": x.key in on_front,
                     "model_bytes": x.metrics["size_bytes"] + rest} for x in result.history]

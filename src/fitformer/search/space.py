@@ -21,6 +21,7 @@ Device constraints enter twice: the supported formats, bit widths and sparsities
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -591,6 +592,30 @@ class DesignSpace:
                         g[base], g[base + 1], g[base + 2], g[base + 3] = f, rank, shape, low
                     out.append(self.canonical(g))
         return list(dict.fromkeys(out))
+
+    @property
+    def site_count(self) -> int:
+        """Searched weights (linear sites of the deepest sub-network, then the word embedding if searched)."""
+        return len(self._site_names)
+
+    def site_slice(self, site: int) -> slice:
+        """The positions of site ``site``'s five genes (format, rank, shape, bits, sparsity)."""
+        base = self._arch_len + 5 * site
+        return slice(base, base + 5)
+
+    def site_choices(self, genes: Sequence[int], site: int) -> list[tuple[int, ...]]:
+        """Every distinct plan that differs from ``genes`` only in how site ``site`` is compressed (format,
+        rank, shape, bits, sparsity), ``genes`` itself included; empty when the site is beyond the depth."""
+        g, where, name = list(self.canonical(genes)), self.site_slice(site), self._site_names[site]
+        if self._site_layer(name) >= self.depths[g[0]]:
+            return []
+        seen: dict[LayerSpec | None, tuple[int, ...]] = {}
+        for choice in itertools.product(*(range(int(c)) for c in self.cardinalities[where])):
+            g[where] = choice
+            trial = self.canonical(g)
+            spec = self.decode(trial)
+            seen.setdefault(next((x for x in spec.all_layers() if x.name == name), None), trial)
+        return list(seen.values())
 
     def size(self) -> float:
         """Number of distinct genes (an upper bound on distinct candidates)."""
