@@ -35,9 +35,9 @@ class Choice:
 
 
 def site_table(space: DesignSpace, evaluate: Evaluate, base: tuple[int, ...], metric: str,
-               objective: str = "proxy_loss") -> dict[int, list[Choice]]:
-    """Site index -> every distinct choice for that weight of ``base``'s architecture, with its change in
-    ``objective`` and ``metric`` from ``base`` (which differs from it in that weight only)."""
+               objective: str = "proxy_loss") -> tuple[dict[str, float], dict[int, list[Choice]]]:
+    """``base``'s metrics, and site index -> every distinct choice for that weight of ``base``'s architecture,
+    with its change in ``objective`` and ``metric`` from ``base`` (which differs from it in that weight only)."""
     ref = evaluate(space.decode(base))
     table = {}
     for site in range(space.site_count):
@@ -48,7 +48,7 @@ def site_table(space: DesignSpace, evaluate: Evaluate, base: tuple[int, ...], me
             choices.append(Choice(genes[genes_of], m[objective] - ref[objective], m[metric] - ref[metric]))
         if choices:
             table[site] = choices
-    return table
+    return ref, table
 
 
 def _hull(choices: list[Choice]) -> list[Choice]:
@@ -81,18 +81,17 @@ def allocate(space: DesignSpace, evaluate: Evaluate, base: tuple[int, ...], metr
     per-weight changes; the search re-evaluates every plan, so a prediction that is off costs nothing but a
     wasted evaluation."""
     base = space.canonical(base)
-    table = site_table(space, evaluate, base, metric)
+    ref, table = site_table(space, evaluate, base, metric)
     if not table:
         return []
     sites, choices = list(table), list(table.values())
     hulls = [_hull(t) for t in choices]
-    total = evaluate(space.decode(base))[metric]
     prices = sorted({(a.proxy - b.proxy) / (b.cost - a.cost) for h in hulls for a, b in zip(h, h[1:], strict=False)},
                     reverse=True)  # hull costs strictly increase: from the cheapest plan to the most accurate
     plans = [[h[0] for h in hulls], *([_pick(h, p) for h in hulls] for p in prices), [h[-1] for h in hulls]]
 
     def cost(plan: list[Choice]) -> float:
-        return total + sum(c.cost for c in plan)
+        return ref[metric] + sum(c.cost for c in plan)
 
     out: list[list[Choice]] = []
     if limit is not None:
