@@ -180,6 +180,8 @@ def main() -> None:
                    "(default: RunConfig's distill_learning_rate).")
     p.add_argument("--epochs", type=float, default=None, help="Most distillation epochs per candidate (default: "
                    "RunConfig's distill_epochs); raise it so that --minutes, not the epochs, ends distillation.")
+    p.add_argument("--word-dropout", type=float, default=None, help="Distillation augmentation, as RunConfig's "
+                   "distill_word_dropout (default 0).")
     p.add_argument("--schedule", default=None, help="Distillation schedule, as RunConfig's distill_schedule "
                    "(default: the preset's; docs/distillation.md).")
     p.add_argument("--candidates", type=int, default=None, help="Candidates distilled per run (default: preset); "
@@ -204,6 +206,8 @@ def main() -> None:
         overrides["distill_epochs"] = args.epochs
     if args.learning_rate is not None:
         overrides["distill_learning_rate"] = args.learning_rate
+    if args.word_dropout is not None:
+        overrides["distill_word_dropout"] = args.word_dropout
     if args.schedule is not None:
         overrides["distill_schedule"] = args.schedule
     if args.candidates is not None:

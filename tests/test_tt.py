@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -25,7 +26,7 @@ from fitformer.layers import (
     tt_params,
     tt_svd,
 )
-from fitformer.layers.planner import TTSpec, execution_ops, prepare, run
+from fitformer.layers.planner import TTSpec, execution_ops, folded_bias_rows, prepare, run
 from fitformer.layers.tensorize import TTShape, batched_result_bytes, chain_ops
 
 MODEL_PLANNER = Planner(measure=False)
@@ -82,6 +83,16 @@ def test_every_execution_gives_the_same_output(shape, tokens):
         for exe in MODEL_PLANNER.candidates(spec, tokens, training) + [chosen]:
             y = run(exe, x, prepare(exe, spec, cores), spec)
             torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9, msg=exe.describe())
+    # with a bias: folded into the last GEMM, added in the transposing copy, or added in place
+    spec_b = dataclasses.replace(spec, bias=True)
+    bias = torch.randn(spec.out_features, dtype=torch.float64)
+    folds = set()
+    for exe in MODEL_PLANNER.candidates(spec_b, tokens, False):
+        folds.add(folded_bias_rows(exe, spec_b) > 0)
+        for prepared_bias in (bias, None):  # prepared without it, the chain adds it after the GEMMs
+            y = run(exe, x, prepare(exe, spec_b, cores, bias=prepared_bias), spec_b, bias=bias)
+            torch.testing.assert_close(y, expected + bias, rtol=1e-9, atol=1e-9, msg=exe.describe())
+    assert True in folds
 
 
 @settings(max_examples=15, deadline=None)
@@ -109,6 +120,16 @@ def test_param_and_flop_formulas_match_counted_values(shape, tokens):
             run(exe, x, operands, spec)
         run_ops = [op for op in execution_ops(exe, spec, tokens, 8) if op["stage"] == "run"]
         assert sum(op["flops"] for op in run_ops) == counter.get_total_flops(), exe.describe()
+    # a folded bias widens the last GEMM by its rows, and the ops count that
+    spec_b = dataclasses.replace(spec, bias=True)
+    bias = torch.randn(spec.out_features, dtype=torch.float64)
+    for exe in MODEL_PLANNER.candidates(spec_b, tokens, False):
+        if folded_bias_rows(exe, spec_b):
+            operands = prepare(exe, spec_b, cores, bias=bias)
+            with FlopCounterMode(display=False) as counter:
+                run(exe, x, operands, spec_b, bias=bias)
+            run_ops = [op for op in execution_ops(exe, spec_b, tokens, 8) if op["stage"] == "run"]
+            assert sum(op["flops"] for op in run_ops) == counter.get_total_flops(), exe.describe()
     # the layer's own report agrees with what its forward counts (core work cached by the first call)
     with torch.no_grad():
         tt(x)
@@ -167,15 +188,16 @@ def test_tt_svd_truncation_by_rank_and_error():
     (15, 16, (4, 2, 2), (2, 2, 4), (1, 2, 2, 1)),  # has expanded ("e") steps
 ])
 def test_gradcheck_all_executions(in_f, out_f, in_modes, out_modes, ranks):
-    spec = TTSpec(in_f, out_f, in_modes, out_modes, ranks)
+    spec = TTSpec(in_f, out_f, in_modes, out_modes, ranks, bias=True)
     cores = [c.requires_grad_() for c in random_cores(in_modes, out_modes, ranks)]
     x = torch.randn(2, in_f, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(out_f, dtype=torch.float64, requires_grad=True)
     candidates = MODEL_PLANNER.candidates(spec, 2, training=True)
     assert in_f != 15 or any("e" in exe.modes for exe in candidates)
+    assert any(folded_bias_rows(exe, spec) for exe in candidates)
     for exe in candidates:
-        def f(x, b, *cs, exe=exe):
-            return run(exe, x, prepare(exe, spec, cs), spec, bias=b)
+        def f(x, b, *cs, exe=exe):  # the bias folded into the last GEMM where the chain allows
+            return run(exe, x, prepare(exe, spec, cs, bias=b), spec, bias=b)
 
         assert torch.autograd.gradcheck(f, (x, bias, *cores), fast_mode=True), exe.describe()
 
@@ -187,7 +209,7 @@ def test_forward_leaves_its_inputs_alone():
     x0, b0 = x.clone(), tt.bias.detach().clone()
     with torch.no_grad():
         for exe in MODEL_PLANNER.candidates(tt.spec, 3, training=False):
-            run(exe, x, prepare(exe, tt.spec, list(tt.cores)), tt.spec, bias=tt.bias)
+            run(exe, x, prepare(exe, tt.spec, list(tt.cores), bias=tt.bias), tt.spec, bias=tt.bias)
             assert torch.equal(x, x0) and torch.equal(tt.bias, b0), exe.describe()
 
 
@@ -248,8 +270,24 @@ def test_low_rank_linear():
     errs = [LowRankLinear.from_linear(lin, r).reconstruction_error for r in (2, 5, 10)]
     assert errs == sorted(errs, reverse=True)
     low = LowRankLinear.from_linear(lin, 5)
-    assert sum(op["flops"] for op in low.cost_ops(7)) == 2 * 7 * 5 * (20 + 30)
+    assert sum(op["flops"] for op in low.cost_ops(7, training=True)) == 2 * 7 * 5 * (20 + 30)
     assert ((lin.weight - low.weight).norm() / lin.weight.norm()).item() == pytest.approx(low.reconstruction_error)
+
+
+def test_low_rank_folds_the_bias_at_inference():
+    low = LowRankLinear.from_linear(nn.Linear(20, 30).double(), 5)
+    x = torch.randn(2, 4, 20, dtype=torch.float64)
+    ref = low(x)  # the factors need gradients: two F.linear calls
+    with torch.no_grad():
+        torch.testing.assert_close(low(x), ref)
+        with FlopCounterMode(display=False) as counter:
+            low(x)
+        assert counter.get_total_flops() == sum(op["flops"] for op in low.cost_ops(8))
+        low.bias.add_(1.0)  # the folded copy follows the bias
+        torch.testing.assert_close(low(x), ref + 1)
+        low.intermediate_quant = Counter()
+        torch.testing.assert_close(low(x), ref + 1)
+    assert low.intermediate_quant.calls == 1
 
 
 class Counter(nn.Module):

@@ -82,6 +82,10 @@ class RunConfig(BaseModel):
     distill_learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak AdamW learning rate of "
                                          "distillation; 4e-4 measured better for float TT students "
                                          "(bench_distill) but collapses 4-bit QAT TT ones (docs/distillation.md).")
+    distill_word_dropout: float = Field(0.0, ge=0, lt=0.5, description="Augmentation: each training token "
+                                        "(not [CLS]/[SEP]) is dropped with this probability per step, so the "
+                                        "student sees new inputs with the teacher's label for each (0.1 "
+                                        "measured better in bench_distill); teacher logits are then not cached.")
     sensitivity_examples: int = Field(64, ge=0, description="Training examples that measure each layer's "
                                       "sensitivity, the weight of its error in the search's proxy "
                                       "(0: every layer weighs the same and is scored on its weights, not its outputs).")

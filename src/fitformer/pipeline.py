@@ -346,7 +346,8 @@ class Pipeline:
         data = DistillData.from_teacher(self.teacher, max_train_examples=c.distill_max_train_examples, seed=c.seed)
         config = DistillConfig(schedule=c.distill_schedule, budget_minutes=share - build_minutes,
                                epochs=c.distill_epochs, batch_size=c.distill_batch_size,
-                               learning_rate=c.distill_learning_rate, seed=c.seed)
+                               learning_rate=c.distill_learning_rate, word_dropout=c.distill_word_dropout,
+                               seed=c.seed)
         return distill(student, self.teacher.model, data, config, self.run.file(out))
 
     def _uniform_stage(self, run: RunDir, key: str) -> tuple[Any, list[str]]:

@@ -14,7 +14,12 @@ Candidate executions (:class:`Execution`):
   once and cached at inference). Adjacent cores may be *fused offline* (``groups``): a group is
   multiplied into one larger core before the chain runs (once, cached at inference), trading FLOPs for
   fewer and larger GEMMs. The two extreme groupings are the unfused chain and one group of all cores.
-  The bias is added in place to the chain's output (no second output-sized buffer).
+  The bias is *folded into the chain's last GEMM* where that step is one GEMM on plain rows (``n == 1``, or
+  an ``e`` step): the output ``(T, out)`` is ``(T R, M)`` rows of that GEMM, so appending the ``R x R``
+  identity, repeated per token, to the state's columns and the bias, as ``R`` rows, to the core matrix
+  adds it inside the GEMM (``K + R`` instead of ``K``; a separate add is one more pass over the output,
+  which at 2,048 tokens and 3,072 outputs cost 1.2 of 4 ms). After a ``g`` step the bias is added in the
+  copy that transposes the result back; otherwise in place.
 - ``einsum`` — a pairwise path found by ``opt_einsum`` (several optimizers; each path re-scored by the
   planner's cost function), each pair executed by opt_einsum on torch (``tensordot``: one GEMM per pair).
 - ``reconstruct`` — rebuild the dense weight from the cores every call and run one GEMM (training).
@@ -64,6 +69,7 @@ class TTSpec:
     in_modes: tuple[int, ...]
     out_modes: tuple[int, ...]
     ranks: tuple[int, ...]
+    bias: bool = False
 
     @property
     def in_padded(self) -> int:
@@ -83,7 +89,7 @@ def _fused_spec(spec: TTSpec, groups: tuple[tuple[int, ...], ...]) -> TTSpec:
     return TTSpec(spec.in_features, spec.out_features,
                   tuple(prod([spec.in_modes[k] for k in g]) for g in groups),
                   tuple(prod([spec.out_modes[k] for k in g]) for g in groups),
-                  (1, *(spec.ranks[g[-1] + 1] for g in groups)))
+                  (1, *(spec.ranks[g[-1] + 1] for g in groups)), spec.bias)
 
 
 @dataclass(frozen=True)
@@ -122,14 +128,33 @@ def merge_cores(cores: Sequence[torch.Tensor], hook: Hook = _identity) -> torch.
     return c
 
 
-def prepare(exe: Execution, spec: TTSpec, cores: Sequence[torch.Tensor], hook: Hook = _identity) -> list[torch.Tensor]:
+def folded_bias_rows(exe: Execution, spec: TTSpec) -> int:
+    """``R`` when the chain folds the bias into its last GEMM (output ``(T R, M)`` rows), else 0."""
+    if exe.kind != "chain" or not spec.bias:
+        return 0
+    f = spec.fused(exe.groups)
+    _, m, _, n = chain_steps(f, exe.direction)[-1]
+    mode = exe.modes[-1] if exe.modes else "b"
+    return f.out_padded // (m * n) if n == 1 or mode == "e" else 0
+
+
+def _padded_bias(bias: torch.Tensor, spec: TTSpec) -> torch.Tensor:
+    return F.pad(bias, (0, spec.out_padded - spec.out_features)) if spec.out_padded > spec.out_features else bias
+
+
+def prepare(exe: Execution, spec: TTSpec, cores: Sequence[torch.Tensor], hook: Hook = _identity,
+            bias: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The operands an execution needs from the cores (done once per call in training, cached at inference).
+
+    A chain that folds the bias (:func:`folded_bias_rows`) gets one more operand: its last matrix with the
+    bias appended as rows. Not while tracing: the per-token identity it needs is built per call.
 
     Without grad mode the operands are detached: a view of a parameter keeps ``requires_grad`` even under
     ``no_grad``, and ``torch.matmul`` then declines to fold a broadcast product into one GEMM (a ``b`` step
     of a 3072x768 layer at 128 tokens ran 5x slower, 1.5 vs 0.3 ms, than on the same cores detached)."""
     if not torch.is_grad_enabled():
         cores = [c.detach() for c in cores]
+        bias = bias.detach() if bias is not None else None
     if exe.kind == "einsum":
         return list(cores)
     if exe.kind in ("reconstruct", "dense"):
@@ -146,6 +171,11 @@ def prepare(exe: Execution, spec: TTSpec, cores: Sequence[torch.Tensor], hook: H
         if mode == "e" and n > 1:  # kron(a.T, I_n), (k n) x (m n): the broadcast product as one GEMM
             eye = torch.eye(n, dtype=mats[core].dtype, device=mats[core].device)
             mats[core] = (mats[core].t()[:, None, :, None] * eye[None, :, None, :]).reshape(k * n, m * n)
+    rows = folded_bias_rows(exe, spec) if bias is not None and not is_tracing() else 0
+    if rows:
+        core, _, _, n = chain_steps(spec.fused(exe.groups), exe.direction)[-1]
+        last = mats[core] if n > 1 else mats[core].t()  # (K, M): the state's columns by the output's
+        mats.append(torch.cat([last, _padded_bias(bias, spec).reshape(rows, -1)]))
     return mats
 
 
@@ -161,20 +191,30 @@ def chain_steps(spec: TTSpec, direction: str) -> tuple[tuple[int, int, int, int]
 
 
 def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direction: str,
-              hook: Hook = _identity, modes: str = "") -> torch.Tensor:
+              hook: Hook = _identity, modes: str = "", bias: torch.Tensor | None = None) -> torch.Tensor:
     """The GEMM chain on ``x`` of shape ``(T, prod in_modes)``; returns ``(T, prod out_modes)``.
 
     A step with ``n > 1`` runs as a batched matmul whose left operand (the core matrix) is broadcast across
     the batch (mode ``"b"``, no copy of the activations), as one large GEMM on the transposed state (mode
     ``"g"``: two copies, but no tiny matrices when ``n`` is small), or as one GEMM on the state as it lies
     against the expanded core that :func:`prepare` built (mode ``"e"``: ``n`` times the FLOPs, no copies).
+    With one more matrix than cores, the last step runs on that one, the bias folded in (:func:`prepare`);
+    otherwise ``bias`` (padded to ``prod out_modes``) is added to the result.
     """
     steps = chain_steps(spec, direction)
+    folded = len(mats) > len(steps)
     s = x
-    for step, (core, _, kk, n) in enumerate(steps):
+    for step, (core, m, kk, n) in enumerate(steps):
         a = mats[core]
         mode = modes[step] if modes else "b"
-        if n == 1:
+        if folded and step == len(steps) - 1:  # [state | per-token identity] @ [matrix; bias rows]
+            w = mats[-1]
+            rows = w.shape[0] - kk * n
+            wide = s.new_empty(x.shape[0], rows, kk * n + rows)  # two copies into one buffer beat torch.cat
+            wide[:, :, : kk * n] = s.reshape(x.shape[0], rows, kk * n)
+            wide[:, :, kk * n:] = torch.eye(rows, dtype=s.dtype, device=s.device)
+            s = wide.reshape(-1, w.shape[0]) @ w
+        elif n == 1:
             s = s.reshape(-1, kk) @ a.t()
         elif mode == "e":
             s = s.reshape(-1, kk * n) @ a
@@ -185,7 +225,12 @@ def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direc
             s = torch.matmul(a, s.reshape(-1, kk, n))
         if step < len(steps) - 1:
             s = hook(s)
-    return s.reshape(x.shape[0], spec.out_padded)
+    if bias is None or folded:
+        return s.reshape(x.shape[0], spec.out_padded)
+    if s.is_contiguous():
+        return s.reshape(x.shape[0], spec.out_padded).add_(bias)
+    # a transposed view (a "g" step): one copy that lays it out and adds the bias
+    return torch.add(s.reshape(x.shape[0], -1, m, n), bias.reshape(-1, m, n)).reshape(x.shape[0], spec.out_padded)
 
 
 def _einsum_equation(d: int) -> str:
@@ -260,12 +305,14 @@ def run(exe: Execution, x: torch.Tensor, prepared: Sequence[torch.Tensor], spec:
         return F.linear(x, prepared[0], bias)
     if spec.in_padded > spec.in_features:
         x = F.pad(x, (0, spec.in_padded - spec.in_features))
+    if exe.kind == "chain":
+        y = run_chain(x, prepared, spec.fused(exe.groups), exe.direction, hook, exe.modes,
+                      None if bias is None else _padded_bias(bias, spec))
+        return y[:, : spec.out_features] if spec.out_padded > spec.out_features else y
     if exe.kind == "reconstruct":
         y = x @ prepared[0]
-    elif exe.kind == "einsum":
-        y = run_einsum(x, prepared, spec, steps if steps is not None else einsum_steps(spec, exe.path), hook)
     else:
-        y = run_chain(x, prepared, spec.fused(exe.groups), exe.direction, hook, exe.modes)
+        y = run_einsum(x, prepared, spec, steps if steps is not None else einsum_steps(spec, exe.path), hook)
     if spec.out_padded > spec.out_features:
         y = y[:, : spec.out_features]
     if bias is None:
@@ -293,16 +340,17 @@ def execution_ops(exe: Execution, spec: TTSpec, tokens: int, itemsize: int = 4) 
     if exe.kind == "dense":
         return [*merge_ops(spec.in_modes, spec.out_modes, spec.ranks, itemsize),
                 mm_op(1, tokens, spec.out_features, spec.in_features, itemsize, label="dense")]
+    bias_add = [copy_op(tokens * spec.out_padded, itemsize, label="bias")] if spec.bias else []
     if exe.kind == "reconstruct":
         return [*merge_ops(spec.in_modes, spec.out_modes, spec.ranks, itemsize),
-                mm_op(1, tokens, spec.out_padded, spec.in_padded, itemsize, label="dense")]
+                mm_op(1, tokens, spec.out_padded, spec.in_padded, itemsize, label="dense"), *bias_add]
     if exe.kind == "einsum":
         eq = _einsum_equation(len(spec.in_modes))
         shapes = einsum_operand_shapes(spec, tokens)
         terms = eq.split("->")[0].split(",")
         sizes = {c: s for term, shp in zip(terms, shapes, strict=True) for c, s in zip(term, shp, strict=True)}
         return [op for _, step in einsum_steps(spec, exe.path, tokens)
-                for op in _einsum_step_ops(step, sizes, itemsize)]
+                for op in _einsum_step_ops(step, sizes, itemsize)] + bias_add
     ops: list[Op] = []
     for g in exe.groups:
         if len(g) > 1:
@@ -310,10 +358,19 @@ def execution_ops(exe: Execution, spec: TTSpec, tokens: int, itemsize: int = 4) 
             ops += merge_ops([spec.in_modes[k] for k in g], [spec.out_modes[k] for k in g], sub, itemsize)
     f = spec.fused(exe.groups)
     ops += core_prep_ops(f.in_modes, f.out_modes, f.ranks, itemsize)
-    for step, op in enumerate(chain_ops(f.in_modes, f.out_modes, f.ranks, tokens, exe.direction, itemsize)):
+    steps = chain_ops(f.in_modes, f.out_modes, f.ranks, tokens, exe.direction, itemsize)
+    folded = folded_bias_rows(exe, spec)
+    for step, op in enumerate(steps):
         mode = exe.modes[step] if exe.modes else "b"
         b, m, n, k = (int(op[key]) for key in ("batch", "m", "n", "k"))
-        if n > 1 and mode == "g":
+        if folded and step == len(steps) - 1:  # the state widened by the identity, the bias in the GEMM
+            _, m, k, n = chain_steps(f, exe.direction)[-1]
+            if n > 1:
+                ops.append(copy_op(k * n * m * n, itemsize, "prepare", f"expand {op['label']}"))
+            rows, width = tokens * folded, k * n + folded
+            ops += [copy_op(rows * width, itemsize, label=f"bias columns {op['label']}"),
+                    mm_op(1, rows, m * n, width, itemsize, label=f"{op['label']} with bias")]
+        elif n > 1 and mode == "g":
             ops += [copy_op(b * k * n, itemsize, label=f"transpose {op['label']}"),
                     mm_op(1, b * n, m, k, itemsize, label=str(op["label"])),
                     copy_op(b * m * n, itemsize, label=f"transpose {op['label']}")]
@@ -322,6 +379,8 @@ def execution_ops(exe: Execution, spec: TTSpec, tokens: int, itemsize: int = 4) 
                     mm_op(1, b, m * n, k * n, itemsize, label=f"{op['label']} expanded")]
         else:
             ops.append(op)
+    if spec.bias and not folded and not (exe.modes and exe.modes[-1] == "g" and int(steps[-1]["n"]) > 1):
+        ops += bias_add  # after a "g" step the bias rides on the copy that transposes the result back
     return ops
 
 
@@ -551,22 +610,23 @@ class Planner:
         cores = [torch.randn(spec.ranks[k], i, o, spec.ranks[k + 1], generator=gen, dtype=dtype) / math.sqrt(i)
                  for k, (i, o) in enumerate(zip(spec.in_modes, spec.out_modes, strict=True))]
         x = torch.randn(tokens, spec.in_features, generator=gen, dtype=dtype)
+        bias = torch.randn(spec.out_features, generator=gen, dtype=dtype) if spec.bias else None
         if training:
-            for c in cores:
+            for c in [*cores, *([bias] if bias is not None else [])]:
                 c.requires_grad_(True)
         fns = {}
         for exe in executions:
             steps = einsum_steps(spec, exe.path) if exe.kind == "einsum" else None
             if training:
                 def fn(exe=exe, steps=steps) -> None:
-                    run(exe, x, prepare(exe, spec, cores), spec, steps=steps).sum().backward()
+                    run(exe, x, prepare(exe, spec, cores, bias=bias), spec, steps=steps, bias=bias).sum().backward()
             else:
                 with torch.no_grad():
-                    prepared = prepare(exe, spec, cores)
+                    prepared = prepare(exe, spec, cores, bias=bias)
 
                 def fn(exe=exe, steps=steps, prepared=prepared) -> None:
                     with torch.no_grad():
-                        run(exe, x, prepared, spec, steps=steps)
+                        run(exe, x, prepared, spec, steps=steps, bias=bias)
             fns[exe.describe()] = fn
         rounds: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(self.rounds):

@@ -163,7 +163,8 @@ class TTLinear(_TTBase):
 
     @property
     def spec(self) -> TTSpec:
-        return TTSpec(self.in_features, self.out_features, self.in_modes, self.out_modes, self.ranks)
+        return TTSpec(self.in_features, self.out_features, self.in_modes, self.out_modes, self.ranks,
+                      self.bias is not None)
 
     def _planner(self) -> Planner:
         return self.planner if self.planner is not None else default_planner()
@@ -190,12 +191,14 @@ class TTLinear(_TTBase):
         the prepared operands (fused cores, the dense weight) of the last call are reused without touching
         the planner, whose per-call bookkeeping would cost as much as a small GEMM."""
         params = self.cores._parameters
+        # the bias too: a chain may fold it into its last prepared matrix
+        tensors = [*params.values(), *([self.bias] if self.bias is not None else [])]
         if (self.intermediate_quant is not None or len(params) != len(self.in_modes) or is_tracing()
                 or type(self).effective_cores is not _TTBase.effective_cores
-                or (torch.is_grad_enabled() and any(p.requires_grad for p in params.values()))):
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in tensors))):
             return None
         return (token_bucket(x2.shape[0]), x2.dtype, x2.device, id(self._planner()),
-                tuple((p.data_ptr(), p._version) for p in params.values()))
+                tuple((p.data_ptr(), p._version) for p in tensors))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -212,7 +215,7 @@ class TTLinear(_TTBase):
         tokens = x2.shape[0] if not is_tracing() else 128
         spec = self.spec
         exe = self.plan(tokens, training, x.dtype)
-        operands = prepare(exe, spec, cores, self._hook())
+        operands = prepare(exe, spec, cores, self._hook(), self.bias)
         if key is not None:
             self._cache = (key, exe, operands, spec)
         y = run(exe, x2, operands, spec, self._hook(), bias=self.bias)
