@@ -14,12 +14,13 @@ Candidate executions (:class:`Execution`):
   once and cached at inference). Adjacent cores may be *fused offline* (``groups``): a group is
   multiplied into one larger core before the chain runs (once, cached at inference), trading FLOPs for
   fewer and larger GEMMs. The two extreme groupings are the unfused chain and one group of all cores.
-  The bias is *folded into the chain's last GEMM* where that step is one GEMM on plain rows (``n == 1``, or
-  an ``e`` step): the output ``(T, out)`` is ``(T R, M)`` rows of that GEMM, so appending the ``R x R``
-  identity, repeated per token, to the state's columns and the bias, as ``R`` rows, to the core matrix
-  adds it inside the GEMM (``K + R`` instead of ``K``; a separate add is one more pass over the output,
-  which at 2,048 tokens and 3,072 outputs cost 1.2 of 4 ms). After a ``g`` step the bias is added in the
-  copy that transposes the result back; otherwise in place.
+  The bias is added in place to the chain's output, or, in the variant with ``fold_bias`` (offered where
+  the last step is one GEMM on plain rows: ``n == 1``, or an ``e`` step), *folded into that GEMM*: the
+  output ``(T, out)`` is ``(T R, M)`` rows of it, so appending the ``R x R`` identity, repeated per token,
+  to the state's columns and the bias, as ``R`` rows, to the core matrix adds it inside the GEMM (``K + R``
+  instead of ``K``, two small copies). That saves a pass over a large output (at 2,048 tokens and 3,072
+  outputs the add cost 1.2 of 4 ms) and costs more than it saves on small ones, so the planner times both.
+  After a ``g`` step the bias is added in the copy that transposes the result back.
 - ``einsum`` — a pairwise path found by ``opt_einsum`` (several optimizers; each path re-scored by the
   planner's cost function), each pair executed by opt_einsum on torch (``tensordot``: one GEMM per pair).
 - ``reconstruct`` — rebuild the dense weight from the cores every call and run one GEMM (training).
@@ -104,11 +105,12 @@ class Execution:
     # chain: per step in execution order, "b" = shared-operand BMM, "g" = transpose + one GEMM,
     # "e" = one GEMM against the core expanded by the identity on the trailing modes ("" = all "b")
     modes: str = ""
+    fold_bias: bool = False  # chain: the bias added inside the last GEMM (see the module docstring)
 
     def describe(self) -> str:
         if self.kind == "chain":
             g = "|".join("".join(str(k) for k in grp) for grp in self.groups)
-            return f"chain[{self.direction}; {g}; {self.modes}]"
+            return f"chain[{self.direction}; {g}; {self.modes}{'; bias folded' if self.fold_bias else ''}]"
         if self.kind == "einsum":
             return f"einsum[{self.optimizer}]"
         return self.kind
@@ -130,7 +132,7 @@ def merge_cores(cores: Sequence[torch.Tensor], hook: Hook = _identity) -> torch.
 
 def folded_bias_rows(exe: Execution, spec: TTSpec) -> int:
     """``R`` when the chain folds the bias into its last GEMM (output ``(T R, M)`` rows), else 0."""
-    if exe.kind != "chain" or not spec.bias:
+    if exe.kind != "chain" or not spec.bias or not exe.fold_bias:
         return 0
     f = spec.fused(exe.groups)
     _, m, _, n = chain_steps(f, exe.direction)[-1]
@@ -204,7 +206,7 @@ def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direc
     steps = chain_steps(spec, direction)
     folded = len(mats) > len(steps)
     s = x
-    for step, (core, m, kk, n) in enumerate(steps):
+    for step, (core, m, kk, n) in enumerate(steps):  # noqa: B007 (m, n of the last step add the bias)
         a = mats[core]
         mode = modes[step] if modes else "b"
         if folded and step == len(steps) - 1:  # [state | per-token identity] @ [matrix; bias rows]
@@ -367,9 +369,10 @@ def execution_ops(exe: Execution, spec: TTSpec, tokens: int, itemsize: int = 4) 
             _, m, k, n = chain_steps(f, exe.direction)[-1]
             if n > 1:
                 ops.append(copy_op(k * n * m * n, itemsize, "prepare", f"expand {op['label']}"))
-            rows, width = tokens * folded, k * n + folded
-            ops += [copy_op(rows * width, itemsize, label=f"bias columns {op['label']}"),
-                    mm_op(1, rows, m * n, width, itemsize, label=f"{op['label']} with bias")]
+            rows = tokens * folded
+            ops += [copy_op(rows * k * n, itemsize, label=f"widen {op['label']}"),
+                    copy_op(rows * folded, itemsize, label=f"bias columns {op['label']}"),
+                    mm_op(1, rows, m * n, k * n + folded, itemsize, label=f"{op['label']} with bias")]
         elif n > 1 and mode == "g":
             ops += [copy_op(b * k * n, itemsize, label=f"transpose {op['label']}"),
                     mm_op(1, b * n, m, k, itemsize, label=str(op["label"])),
@@ -525,8 +528,8 @@ class Planner:
             f = spec.fused(g)
             for dr in ("rtl", "ltr"):
                 n_steps = len(chain_ops(f.in_modes, f.out_modes, f.ranks, 1, dr))
-                cands += [Execution("chain", groups=g, direction=dr, modes="".join(m))
-                          for m in itertools.product("bge", repeat=n_steps)]
+                cands += [Execution("chain", groups=g, direction=dr, modes="".join(m), fold_bias=fold)
+                          for m in itertools.product("bge", repeat=n_steps) for fold in (False, True)]
         cands = [c for c in cands if self._distinct(c, spec)]
         if not is_tracing():
             cands += _einsum_candidates(spec, tokens)
@@ -536,7 +539,10 @@ class Planner:
     @staticmethod
     def _distinct(exe: Execution, spec: TTSpec) -> bool:
         """Drop chains whose mode letters only differ on plain-GEMM steps (``n == 1``, where they are unused),
-        and expanded steps whose matrix would outgrow the dense weight (slower than the dense GEMM alone)."""
+        expanded steps whose matrix would outgrow the dense weight (slower than the dense GEMM alone), and
+        ``fold_bias`` where there is no bias or the last step cannot take it."""
+        if exe.fold_bias and not folded_bias_rows(exe, spec):
+            return False
         f = spec.fused(exe.groups)
         for mode, (_, m, k, n) in zip(exe.modes, chain_steps(f, exe.direction), strict=True):
             if (n == 1 and mode != "b") or (mode == "e" and m * k * n * n > spec.in_padded * spec.out_padded):
