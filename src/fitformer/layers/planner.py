@@ -502,7 +502,7 @@ class Planner:
 
     cost: CostFn | None = None
     measure: bool | None = None
-    top_k: int = 3
+    top_k: int = 8
     margin: float = 0.05
     explore: float = 2.0
     rounds: int = 3
