@@ -49,7 +49,7 @@ from fitformer.hardware.calibrate import (  # noqa: E402
     refine_calibration,
     save_calibration,
 )
-from fitformer.hardware.ops import EncoderArch, LinearCompression, ops_from_config  # noqa: E402
+from fitformer.hardware.ops import EncoderArch, LinearCompression, ops_from_config, tt_runs_dense  # noqa: E402
 from fitformer.hardware.predictor import fit_predictor, metrics  # noqa: E402
 from fitformer.hardware.spec import load_catalog  # noqa: E402
 from fitformer.hardware.timing import measure  # noqa: E402
@@ -75,7 +75,9 @@ class LowRankLinear(nn.Module):
 
 
 class TTLinear(nn.Module):
-    """TT-matrix linear; core i is stored as its GEMM operand, (m_i r_{i-1}) x (n_i r_i)."""
+    """TT-matrix linear; core i is stored as its GEMM operand, (m_i r_{i-1}) x (n_i r_i). Where the chain does
+    more arithmetic than the dense GEMM it runs the dense weight, reconstructed once, as fitformer's planner
+    does (``tt_runs_dense``)."""
 
     def __init__(self, comp: LinearCompression):
         super().__init__()
@@ -85,8 +87,18 @@ class TTLinear(nn.Module):
             nn.Parameter(torch.randn(m * self.ranks[i], n * self.ranks[i + 1]) / math.sqrt(m * self.ranks[i]))
             for i, (m, n) in enumerate(zip(self.ins, self.outs, strict=True)))
         self.bias = nn.Parameter(torch.zeros(math.prod(self.outs)))
+        self.weight = None
+        if tt_runs_dense(comp):
+            with torch.no_grad():
+                self.weight = self.chain(torch.eye(math.prod(self.ins))).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return (self.chain(x) + self.bias).reshape(*x.shape[:-1], -1)
+
+    def chain(self, x: torch.Tensor) -> torch.Tensor:
+        """The cores contracted left to right with ``x``: ``(tokens, prod outs)``."""
         lead, d = x.shape[:-1], len(self.ins)
         t = math.prod(lead)
         # state axes: [T, n_<i, m_>i+1.., m_i, r_{i-1}] so that (m_i, r_{i-1}) is the trailing GEMM axis
@@ -95,7 +107,7 @@ class TTLinear(nn.Module):
         for i in range(d):
             y = s @ self.cores[i]
             if i == d - 1:
-                return (y.reshape(t, -1) + self.bias).reshape(*lead, -1)
+                return y.reshape(t, -1)
             rest, r = self.ins[i + 1:], self.ranks[i + 1]
             y = y.reshape(t, *done, *rest, self.outs[i], r)
             k = len(done)

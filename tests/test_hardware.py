@@ -33,6 +33,8 @@ from fitformer.hardware import (
     load_spec,
     ops_from_config,
     ops_from_module,
+    tt_linear_ops,
+    tt_runs_dense,
 )
 from fitformer.hardware.analytic import OP_CLASSES, op_class
 from fitformer.hardware.calibrate import refine_calibration, with_efficiency
@@ -196,14 +198,31 @@ def test_module_front_end_uses_cost_ops():
 def test_tt_ops_shapes(modes, rank, tokens):
     ins, outs = tuple(m for m, _ in modes), tuple(n for _, n in modes)
     comp = LinearCompression(factor="tt", tt_in_modes=ins, tt_out_modes=outs, tt_ranks=(rank,) * (len(ins) - 1))
-    ops = linear_ops(tokens, math.prod(ins), math.prod(outs), comp, name="tt")
-    gemms = [o for o in ops if o.kind == "gemm"]
+    gemms = [o for o in tt_linear_ops(tokens, comp, name="tt") if o.kind == "gemm"]
     assert len(gemms) == len(ins)
     assert gemms[0].m * gemms[0].k == tokens * math.prod(ins)  # the input, viewed for core 0
     assert gemms[-1].m * gemms[-1].n == tokens * math.prod(outs)  # the output of the last core
     ranks = (1, *comp.tt_ranks, 1)
     params = sum(r0 * m * n * r1 for m, n, r0, r1 in zip(ins, outs, ranks, ranks[1:], strict=False))
     assert sum(o.weight_bytes for o in gemms) == params * 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(modes=st.lists(st.tuples(st.integers(2, 6), st.integers(2, 6)), min_size=2, max_size=4),
+       rank=st.integers(1, 40), tokens=st.integers(1, 64))
+def test_a_tt_chain_costlier_than_dense_is_modelled_as_the_dense_gemm(modes, rank, tokens):
+    """The planner never runs a chain with more FLOPs than the dense GEMM, so the model must not either:
+    a layer is never modelled as costing more arithmetic than its dense twin."""
+    ins, outs = tuple(m for m, _ in modes), tuple(n for _, n in modes)
+    fin, fout = math.prod(ins), math.prod(outs)
+    comp = LinearCompression(factor="tt", tt_in_modes=ins, tt_out_modes=outs, tt_ranks=(rank,) * (len(ins) - 1))
+    chain = sum(o.flops for o in tt_linear_ops(tokens, comp) if o.kind == "gemm")
+    gemms = [o for o in linear_ops(tokens, fin, fout, comp, name="tt") if o.kind == "gemm"]
+    assert sum(o.flops for o in gemms) == min(chain, 2 * tokens * fin * fout)
+    if tt_runs_dense(comp):
+        assert [(o.m, o.k, o.n, o.weight_bytes) for o in gemms] == [(tokens, fin, fout, fin * fout * 4)]
+    else:
+        assert len(gemms) == len(ins)
 
 
 def test_bad_compression_is_a_user_error():
@@ -365,13 +384,14 @@ def test_measured_sparse_crossover_sets_what_sparsity_buys():
 
 
 def test_op_class_names_the_kernel_kind():
-    tt = LinearCompression(factor="tt", tt_in_modes=(4, 8), tt_out_modes=(4, 8), tt_ranks=(4,))
+    tt = LinearCompression(factor="tt", tt_in_modes=(4, 8), tt_out_modes=(4, 8), tt_ranks=(2,))
     classes = lambda comp: [op_class(o) for o in linear_ops(16, 32, 32, comp, name="l")]  # noqa: E731
     assert classes(LinearCompression()) == ["gemm"]
     assert classes(LinearCompression(bits=8)) == ["quantize", "int8"]
     assert classes(LinearCompression(sparsity=0.5, sparse_format="unstructured")) == ["sparse"]
     assert classes(LinearCompression(factor="lowrank", rank=4)) == ["lowrank", "lowrank"]
     assert classes(tt) == ["tt_permute", "tt", "tt_permute", "tt"]
+    assert classes(dataclasses.replace(tt, tt_ranks=(4,))) == ["gemm"]  # more FLOPs than dense: runs dense
     ops = ops_from_config(EncoderArch(layers=1, hidden=32, heads=2, ffn=64))
     assert {op_class(o) for o in ops if o.kind != "dispatch"} <= set(OP_CLASSES)
 

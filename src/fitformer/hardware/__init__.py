@@ -16,6 +16,7 @@ from .ops import (
     ops_from_plan,
     register_plan_cost,
     tt_linear_ops,
+    tt_runs_dense,
 )
 from .spec import DeviceSpec, get_device, load_catalog, load_spec
 from .timing import Timing, measure, measure_interleaved, random_token_inputs
@@ -47,4 +48,5 @@ __all__ = [
     "random_token_inputs",
     "register_plan_cost",
     "tt_linear_ops",
+    "tt_runs_dense",
 ]

@@ -215,6 +215,14 @@ def tt_linear_ops(tokens: int, comp: LinearCompression, name: str = "") -> list[
     return ops
 
 
+def tt_runs_dense(comp: LinearCompression) -> bool:
+    """Whether a TT layer's chain does more arithmetic than the dense GEMM it replaces; the planner then runs
+    the dense weight, reconstructed once (:class:`fitformer.layers.Planner` never picks such a chain), so
+    that is what the device does. Both grow with the token count, so the answer does not depend on it."""
+    chain = sum(op.flops for op in tt_linear_ops(1, comp) if op.kind == "gemm")
+    return chain > 2 * math.prod(comp.tt_in_modes) * math.prod(comp.tt_out_modes)
+
+
 def linear_ops(tokens: int, in_features: int, out_features: int, comp: LinearCompression = DENSE,
                name: str = "", tag: str = "") -> list[Op]:
     """The ops of one linear layer applied to ``tokens`` rows under ``comp`` (bias add folded in).
@@ -233,6 +241,9 @@ def _linear_ops(tokens: int, in_features: int, out_features: int, comp: LinearCo
         if math.prod(comp.tt_in_modes) != in_features or math.prod(comp.tt_out_modes) != out_features:
             raise UserError(f"layer '{name}': TT modes {comp.tt_in_modes} x {comp.tt_out_modes} do not multiply "
                             f"to its shape {in_features} x {out_features}")
+        if tt_runs_dense(comp):
+            return [Op("gemm", m=tokens, n=out_features, k=in_features, bits=comp.bits,
+                       weight_bytes=weight_bytes(in_features, out_features, comp.bits), name=f"{name}.dense", tag=tag)]
         return tt_linear_ops(tokens, comp, name)
     if comp.factor == "lowrank":
         r = comp.rank

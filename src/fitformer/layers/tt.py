@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -189,16 +190,17 @@ class TTLinear(_TTBase):
         """Key of the inference cache, or ``None`` when it does not apply. It applies to plain stored cores
         that need no gradient (no hook, no parametrization, no ``effective_cores`` override): then the plan and
         the prepared operands (fused cores, the dense weight) of the last call are reused without touching
-        the planner, whose per-call bookkeeping would cost as much as a small GEMM."""
+        the planner, whose per-call bookkeeping would cost as much as a small GEMM. Cheapest checks first:
+        this runs on every call, and at a few tokens it is a visible share of the layer's time."""
         params = self.cores._parameters
         # the bias too: a chain may fold it into its last prepared matrix
-        tensors = [*params.values(), *([self.bias] if self.bias is not None else [])]
-        if (self.intermediate_quant is not None or len(params) != len(self.in_modes) or is_tracing()
+        tensors = (*params.values(), self.bias) if self.bias is not None else tuple(params.values())
+        if (self.intermediate_quant is not None or len(params) != len(self.in_modes)
                 or type(self).effective_cores is not _TTBase.effective_cores
-                or (torch.is_grad_enabled() and any(p.requires_grad for p in tensors))):
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in tensors)) or is_tracing()):
             return None
-        return (token_bucket(x2.shape[0]), x2.dtype, x2.device, id(self._planner()),
-                tuple((p.data_ptr(), p._version) for p in tensors))
+        return (token_bucket(x2.shape[0]), x2.dtype, x2.device.type, x2.device.index, id(self._planner()),
+                *[p.data_ptr() for p in tensors], *[p._version for p in tensors])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -209,6 +211,8 @@ class TTLinear(_TTBase):
         cache = getattr(self, "_cache", None)
         if key is not None and cache is not None and cache[0] == key:
             _, exe, operands, spec = cache
+            if exe.kind == "dense":  # F.linear takes any leading dimensions: no reshapes
+                return F.linear(x, operands[0], self.bias)
             return run(exe, x2, operands, spec, bias=self.bias).reshape(*lead, self.out_features)
         cores = self.effective_cores()
         training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
