@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from torch import nn
 from transformers import BertForSequenceClassification
 
 from fitformer.data import encode, split_dataset
@@ -17,7 +18,9 @@ from fitformer.io import read_json
 from fitformer.models import load_classifier, tiny_bert_config
 from fitformer.models.hf import eager_attention
 from fitformer.train import DistillConfig, DistillData, LayerMap, LossWeights, build_stages, distill
+from fitformer.train.average import WeightAverage
 from fitformer.train.distill import forward_outputs, truncated, word_dropout
+from fitformer.train.evaluate import evaluate
 from fitformer.train.losses import (
     attention_kl,
     hidden_cosine,
@@ -224,10 +227,12 @@ def test_progressive_distillation_teaches_a_narrower_shallower_student(setup, tm
     torch.testing.assert_close(saved["classifier.weight"], student.classifier.weight)
 
 
-def test_resume_continues_at_the_same_step_with_the_same_data_order(setup, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.8])
+def test_resume_continues_at_the_same_step_with_the_same_data_order(setup, tmp_path, ema_decay):
+    """With a weight average, the checkpoint carries it: the resumed run validates the same averages."""
     teacher, data = setup
     config = DistillConfig(schedule="two_stage", max_steps=8, batch_size=8, checkpoint_every_steps=1,
-                           eval_every_steps=4)
+                           eval_every_steps=4, ema_decay=ema_decay)
     reference = small_student(teacher, layers=2, width=32, heads=4)
     fresh = copy.deepcopy(reference)
     distill(reference, teacher, data, config, tmp_path / "straight")
@@ -271,6 +276,48 @@ def test_resume_continues_at_the_same_step_with_the_same_data_order(setup, tmp_p
         torch.testing.assert_close(value, untouched[name], msg=name)
 
 
+def test_weight_average_is_exponential_and_applied_for_the_duration_only():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    net.register_buffer("flag", torch.tensor(False))
+    start = copy.deepcopy(net.state_dict())
+    average = WeightAverage(net, decay=0.75)
+    assert average.names == ["weight", "bias"]  # the bool buffer is not averaged
+    expected = {k: v.clone() for k, v in start.items() if k != "flag"}
+    for step in range(30):
+        with torch.no_grad():
+            net.weight.add_(step + 1.0)
+            net.bias.mul_(-1.1)
+        average.update(net)
+        d = min(0.75, (1 + step) / (10 + step))  # the warm-up: a short run does not keep its start
+        for k in expected:
+            expected[k] = d * expected[k] + (1 - d) * net.state_dict()[k]
+    own = copy.deepcopy(net.state_dict())
+    with average.applied(net) as inside:
+        for k, v in expected.items():
+            torch.testing.assert_close(inside.state_dict()[k], v, msg=k)
+    for k, v in own.items():
+        assert torch.equal(net.state_dict()[k], v), k
+    with pytest.raises(UserError, match="decay"):
+        WeightAverage(net, decay=1.0)
+
+
+def test_with_a_weight_average_the_averaged_weights_are_validated_and_kept(setup, tmp_path):
+    teacher, data = setup
+    student = small_student(teacher, layers=2, width=32, heads=4)
+    result = distill(student, teacher, data, DistillConfig(schedule="logits_kd", max_steps=12, batch_size=8,
+                                                           eval_every_steps=4, ema_decay=0.9), tmp_path / "run")
+    kept = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    last = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    averaged = {k[len("average."):]: v for k, v in last.items() if k.startswith("average.")}
+    raw = {k[len("student."):]: v for k, v in last.items() if k.startswith("student.")}
+    assert averaged and not torch.equal(raw["classifier.weight"], averaged["avg" + str(
+        list(student.state_dict()).index("classifier.weight"))])
+    for k, v in student.state_dict().items():  # the student ends with the kept (averaged) weights
+        torch.testing.assert_close(v, kept[k], msg=k)
+    assert evaluate(student, data.validation, data.label_names).accuracy == result.validation_accuracy
+
+
 def test_time_budget_is_split_across_stages(setup, tmp_path):
     teacher, data = setup
     config = DistillConfig(schedule="two_stage", budget_minutes=0.02, max_steps=100000, batch_size=8,
@@ -286,6 +333,7 @@ def test_time_budget_is_split_across_stages(setup, tmp_path):
     ({"budget_minutes": 0}, "budget"),
     ({"hidden_loss": "l1"}, "hidden loss"),
     ({"word_dropout": 0.9}, "word dropout"),
+    ({"ema_decay": 1.0}, "ema_decay"),
     ({"schedule": "two_stage", "hidden_weight": 0, "embedding_weight": 0, "attention_weight": 0}, "weight"),
     ({"schedule": "finetune_only", "task_weight": 0}, "no loss"),
 ])
@@ -356,7 +404,8 @@ def test_two_stage_trains_a_quantized_tt_student_cores_and_scales(setup, tmp_pat
 
 
 def test_the_run_config_and_the_distiller_share_one_default_schedule():
-    """config.py stays free of torch imports, so it repeats the default; this keeps the two in step."""
+    """config.py stays free of torch imports, so it repeats the defaults; this keeps the two in step."""
     from fitformer.config import RunConfig
 
     assert RunConfig.model_fields["distill_schedule"].default == DistillConfig().schedule
+    assert RunConfig.model_fields["distill_ema_decay"].default == DistillConfig().ema_decay

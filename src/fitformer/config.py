@@ -86,6 +86,10 @@ class RunConfig(BaseModel):
                                         "(not [CLS]/[SEP]) is dropped with this probability per step, so the "
                                         "student sees new inputs with the teacher's label for each (0.1 "
                                         "measured better in bench_distill); teacher logits are then not cached.")
+    distill_ema_decay: float = Field(0.99, ge=0, lt=1, description="In (0, 1): the exponential moving average "
+                                     "of the weights with this decay is validated and its best evaluation "
+                                     "ships (less of a lucky draw among noisy evaluations; 0.99 measured best, "
+                                     "docs/distillation.md); 0: the raw weights.")
     sensitivity_examples: int = Field(64, ge=0, description="Training examples that measure each layer's "
                                       "sensitivity, the weight of its error in the search's proxy "
                                       "(0: every layer weighs the same and is scored on its weights, not its outputs).")

@@ -39,6 +39,7 @@ from ..io import atomic_path, read_json, sha256_json, write_json_atomic
 from ..models.hf import eager_attention
 from ..progress import console, make_progress
 from ..utils import seed_everything
+from .average import WeightAverage
 from .evaluate import evaluate
 from .finetune import load_checkpoint, nonfinite_origin, require_same_model, save_checkpoint
 from .losses import HIDDEN_LOSSES, LayerMap, LossWeights, Outputs, intermediate_loss, prediction_loss
@@ -76,6 +77,9 @@ class DistillConfig:
     task_weight: float = 1.0
     hidden_loss: str = "mse"
     word_dropout: float = 0.0
+    # > 0: validate, keep and ship the moving average of the weights (train/average.py); 0.99 measured best
+    # on the size run's student (docs/distillation.md)
+    ema_decay: float = 0.99
     group_by_length: int = 50  # sort each chunk of this many batches by length; 0: random batches
     eval_every_steps: int = 100
     patience: int = 0
@@ -103,6 +107,8 @@ class DistillConfig:
             raise UserError(f"warm-up ratio {self.warmup_ratio}: must be in [0, 1)")
         if not 0 <= self.word_dropout < 0.5:
             raise UserError(f"word dropout {self.word_dropout}: must be in [0, 0.5)")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"ema_decay {self.ema_decay}: must be 0 (off) or in (0, 1), e.g. 0.99")
         if self.group_by_length < 0:
             raise UserError(f"group_by_length {self.group_by_length}: must be 0 (random batches) or a number of "
                             "batches to sort by length, e.g. 50")
@@ -329,7 +335,8 @@ def distill(
 
     The student is any module with the teacher's interface (a Hugging Face classifier, or one produced by
     ``apply_plan``: TT, low-rank, quantized with trainable scales, pruned, a sub-network): all its
-    parameters train. Its best validation weights end up in the student and in ``out_dir/best``. A finished
+    parameters train. Its best validation weights (with ``config.ema_decay``, those of the moving average
+    of the weights) end up in the student and in ``out_dir/best``. A finished
     run (``out_dir/result.json``) is returned at once, with those weights loaded; an interrupted one resumes
     from ``out_dir/last`` at the same step with the same data order.
     """
@@ -369,7 +376,9 @@ def distill(
     total_steps = config.max_steps or max(math.ceil(config.epochs * steps_per_epoch), len(stages))
     stage_steps = [max(1, round(s.share * total_steps)) for s in stages]
     budget_s = None if config.budget_minutes is None else config.budget_minutes * 60.0
-    bundle = nn.ModuleDict({"student": student, **({"layer_map": layer_map} if layer_map else {})})
+    average = WeightAverage(student, config.ema_decay) if config.ema_decay > 0 else None
+    bundle = nn.ModuleDict({"student": student, **({"layer_map": layer_map} if layer_map else {}),
+                            **({"average": average} if average is not None else {})})
     no_decay = ("bias", "LayerNorm.weight", "layernorm", "norm", "scale")
     params = [(n, p) for n, p in bundle.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
@@ -394,14 +403,17 @@ def distill(
         save_checkpoint(out, bundle, optimizer, None, state)
 
     def validate_now() -> None:
-        result = evaluate(student, data.validation, data.label_names)
-        state["history"].append({"step": state["global_step"], "stage": stages[state["stage"]].name,
-                                 "validation_accuracy": result.accuracy})
-        if result.accuracy > state["best_accuracy"]:
-            state["best_accuracy"], state["best_step"], state["bad_evals"] = result.accuracy, state["global_step"], 0
-            _save_best(student, out, {**meta, "validation_accuracy": result.accuracy, "step": state["global_step"]})
-        else:
-            state["bad_evals"] += 1
+        with average.applied(student) if average is not None else contextlib.nullcontext():
+            result = evaluate(student, data.validation, data.label_names)
+            state["history"].append({"step": state["global_step"], "stage": stages[state["stage"]].name,
+                                     "validation_accuracy": result.accuracy})
+            if result.accuracy > state["best_accuracy"]:
+                state["best_accuracy"], state["best_step"] = result.accuracy, state["global_step"]
+                state["bad_evals"] = 0
+                _save_best(student, out, {**meta, "validation_accuracy": result.accuracy,
+                                          "step": state["global_step"]})
+            else:
+                state["bad_evals"] += 1
 
     student.train()
     total_for_bar = None if budget_s is not None else sum(stage_steps)
@@ -469,6 +481,8 @@ def distill(
                     done_s = sum(s["seconds"] for s in state["stages"]) + elapsed
                     overall = (state["global_step"] / sum(stage_steps)) if budget_s is None else done_s / budget_s
                     hook(student, state["global_step"], min(overall, 1.0))
+                if average is not None:  # after the hook: the average sees the weights as they will run
+                    average.update(student)
                 bar.update(task, advance=1, rate=" ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
                 if stage.trains_head and state["stage_step"] % config.eval_every_steps == 0:
                     validate_now()
