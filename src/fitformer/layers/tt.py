@@ -29,7 +29,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -211,8 +210,6 @@ class TTLinear(_TTBase):
         cache = getattr(self, "_cache", None)
         if key is not None and cache is not None and cache[0] == key:
             _, exe, operands, spec = cache
-            if exe.kind == "dense":  # F.linear takes any leading dimensions: no reshapes
-                return F.linear(x, operands[0], self.bias)
             return run(exe, x2, operands, spec, bias=self.bias).reshape(*lead, self.out_features)
         cores = self.effective_cores()
         training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
