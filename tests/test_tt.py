@@ -354,3 +354,23 @@ def test_bad_input_is_a_user_error():
         TTLinear(12, 10, (3, 4), (2, 5))(torch.randn(2, 11))
     with pytest.raises(UserError, match="rel_error"):
         tt_svd(torch.randn(4, 4), (2, 2), (2, 2), rel_error=1.5)
+
+
+
+def test_inference_cache_is_per_token_bucket_and_follows_data_swaps_and_planners():
+    tt = TTLinear(12, 12, (3, 4), (4, 3), 4, planner=MODEL_PLANNER)
+    x = torch.randn(40, 12)
+    with torch.no_grad():
+        tt(torch.randn(3, 12))
+        assert tt._cache is not None and tt._cache.high == 16
+        before = tt(x)  # another token bucket: planned again
+        assert tt._cache.high == 64
+        bias = tt.bias.detach().clone()
+        tt.cores[1].data = tt.cores[1].data * 3  # new storage under the same parameter objects
+        tt.bias.data = torch.zeros(12)
+        torch.testing.assert_close(tt(x), (before - bias) * 3)
+        cache = tt._cache
+        tt.planner = Planner(measure=False)  # another planner plans again
+        torch.testing.assert_close(tt(x), (before - bias) * 3)
+        assert tt._cache is not cache and tt._cache.planner is tt.planner
+        assert tt(x.reshape(5, 8, 12)).shape == (5, 8, 12)  # leading dimensions kept on a cache hit

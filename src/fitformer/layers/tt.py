@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -134,6 +135,25 @@ class _TTBase(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class _InferenceCache:
+    """What :meth:`TTLinear.forward` reuses between inference calls, and what it must still match: the input's
+    dtype, device and token bucket, the planner, and each state tensor's storage and version."""
+
+    __slots__ = ("dtype", "device", "low", "high", "planner", "tensors", "state", "bias", "exe", "operands",
+                 "spec")
+
+    def __init__(self, layer: TTLinear, x2: torch.Tensor, exe: Execution, operands: list[torch.Tensor],
+                 spec: TTSpec) -> None:
+        self.dtype, self.device = x2.dtype, x2.device
+        self.high = token_bucket(x2.shape[0])
+        self.low = self.high // 2 if self.high > 16 else -1  # the bucket is (high / 2, high], 16 takes 0..16
+        self.planner = layer._planner()
+        self.tensors = layer._state_tensors()  # kept alive: their storage is not reused while cached
+        self.state = [(t.data_ptr(), t._version) for t in self.tensors]
+        self.bias = layer.bias
+        self.exe, self.operands, self.spec = exe, operands, spec
+
+
 class TTLinear(_TTBase):
     """``y = x W + b`` with ``W`` a TT-matrix; drop-in for ``nn.Linear`` (see the module docstring).
 
@@ -159,7 +179,7 @@ class TTLinear(_TTBase):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)) \
             if bias else None
         self.planner = planner
-        self._cache: tuple | None = None  # (key, execution, operands, spec) of the last inference call
+        self._cache: _InferenceCache | None = None  # of the last inference call
 
     @property
     def spec(self) -> TTSpec:
@@ -185,40 +205,62 @@ class TTLinear(_TTBase):
         """FLOPs of the planned execution per call at ``tokens`` rows (as :meth:`cost_ops` counts them)."""
         return sum(int(op["flops"]) for op in self.cost_ops(tokens, training))
 
-    def _cache_key(self, x2: torch.Tensor) -> tuple | None:
-        """Key of the inference cache, or ``None`` when it does not apply. It applies to plain stored cores
-        that need no gradient (no hook, no parametrization, no ``effective_cores`` override): then the plan and
-        the prepared operands (fused cores, the dense weight) of the last call are reused without touching
-        the planner, whose per-call bookkeeping would cost as much as a small GEMM. Cheapest checks first:
-        this runs on every call, and at a few tokens it is a visible share of the layer's time."""
+    def _cacheable(self) -> bool:
+        """Whether this call may reuse (and store) the inference cache: plain stored cores that need no
+        gradient (no hook, no parametrization, no ``effective_cores`` override), outside any tracing."""
         params = self.cores._parameters
-        # the bias too: a chain may fold it into its last prepared matrix
-        tensors = (*params.values(), self.bias) if self.bias is not None else tuple(params.values())
-        if (self.intermediate_quant is not None or len(params) != len(self.in_modes)
-                or type(self).effective_cores is not _TTBase.effective_cores
-                or (torch.is_grad_enabled() and any(p.requires_grad for p in tensors)) or is_tracing()):
+        return (self.intermediate_quant is None and len(params) == len(self.in_modes)
+                and type(self).effective_cores is _TTBase.effective_cores
+                and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._state_tensors()))
+                and not is_tracing())
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """The cores and the bias (a chain may fold it into its last prepared matrix). Read from the module's
+        dicts, not through ``nn.Module.__getattr__``: this runs on every inference call."""
+        tensors = list(self._modules["cores"]._parameters.values())
+        bias = self._parameters.get("bias")
+        return tensors if bias is None else [*tensors, bias]
+
+    def _cache_hit(self, x: torch.Tensor) -> _InferenceCache | None:
+        """The cache of the last inference call if it applies to ``x``: then the plan and the prepared operands
+        (fused cores, the dense weight) are reused without touching the planner, whose bookkeeping would cost
+        as much as a small GEMM.
+
+        This runs on every call, so it is a handful of attribute reads: right after a GEMM has flushed the
+        CPU's caches, every line of Python between two GEMMs costs several times what it costs alone. A
+        state tensor is the same as cached when its storage and version are: the cache holds the cached
+        tensors, so their storage cannot be reused by a new tensor."""
+        c = getattr(self, "_cache", None)
+        if c is None or x.dtype is not c.dtype or x.device != c.device:
             return None
-        return (token_bucket(x2.shape[0]), x2.dtype, x2.device.type, x2.device.index, id(self._planner()),
-                *[p.data_ptr() for p in tensors], *[p._version for p in tensors])
+        if not c.low < x.numel() // self.in_features <= c.high or self._planner() is not c.planner:
+            return None
+        if is_tracing():  # before the versions, which dynamo cannot guard on
+            return None
+        ts = self._state_tensors()
+        if [(t.data_ptr(), t._version) for t in ts] != c.state or self.intermediate_quant is not None:
+            return None
+        return c if not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise UserError(f"TTLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        hit = self._cache_hit(x)
+        if hit is not None:
+            if hit.exe.kind == "dense":  # F.linear takes any leading dimensions: no reshapes
+                return F.linear(x, hit.operands[0], hit.bias)
+            y = run(hit.exe, x.reshape(-1, self.in_features), hit.operands, hit.spec, bias=hit.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        key = self._cache_key(x2)
-        cache = getattr(self, "_cache", None)
-        if key is not None and cache is not None and cache[0] == key:
-            _, exe, operands, spec = cache
-            return run(exe, x2, operands, spec, bias=self.bias).reshape(*lead, self.out_features)
         cores = self.effective_cores()
         training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         tokens = x2.shape[0] if not is_tracing() else 128
         spec = self.spec
         exe = self.plan(tokens, training, x.dtype)
         operands = prepare(exe, spec, cores, self._hook(), self.bias)
-        if key is not None:
-            self._cache = (key, exe, operands, spec)
+        if self._cacheable():
+            self._cache = _InferenceCache(self, x2, exe, operands, spec)
         y = run(exe, x2, operands, spec, self._hook(), bias=self.bias)
         return y.reshape(*lead, self.out_features)
 
