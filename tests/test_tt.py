@@ -356,7 +356,6 @@ def test_bad_input_is_a_user_error():
         tt_svd(torch.randn(4, 4), (2, 2), (2, 2), rel_error=1.5)
 
 
-
 def test_inference_cache_is_per_token_bucket_and_follows_data_swaps_and_planners():
     tt = TTLinear(12, 12, (3, 4), (4, 3), 4, planner=MODEL_PLANNER)
     x = torch.randn(40, 12)
