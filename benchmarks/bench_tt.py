@@ -2,7 +2,9 @@
 
 For each layer size (BERT-base and MiniLM feed-forward shapes), token count, rank and tensorization
 (``balanced``: the most even 3-way factorization; ``enumerated``: the 3-core shape with the fewest FLOPs at
-that rank from :func:`fitformer.layers.enumerate_shapes`), it times at inference (``no_grad``):
+that rank from :func:`fitformer.layers.enumerate_shapes`, of a shape and its mirror image the one whose plan
+runs faster on the host, see :func:`fitformer.layers.choose_tensorization`), it times at inference
+(``no_grad``):
 
 - ``dense``: ``nn.Linear``;
 - ``planned``: ``TTLinear`` with the contraction planner (plan made and cached before timing);
@@ -58,7 +60,7 @@ def bench_row(in_f: int, out_f: int, tokens: int, rank: int, kind: str, planner:
     if kind == "balanced":
         in_modes, out_modes = balanced_modes(in_f, 3), balanced_modes(out_f, 3)
     else:
-        shape = choose_tensorization(in_f, out_f, rank, num_cores=(3,), tokens=tokens)
+        shape = choose_tensorization(in_f, out_f, rank, num_cores=(3,), tokens=tokens, planner=planner)
         in_modes, out_modes = shape.in_modes, shape.out_modes
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f).eval()

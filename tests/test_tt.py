@@ -168,6 +168,29 @@ def test_a_mirrored_shape_costs_the_same_and_the_choice_writes_least_in_batched_
                                                         chosen.direction)
 
 
+def test_a_planner_breaks_ties_by_planned_time():
+    """With a planner, the tied shape whose plan is fastest wins over the byte rule of thumb; planned_ms is the
+    chosen plan's modelled cost when the planner does not measure."""
+    in_f, out_f, rank, tokens = 96, 24, 2, 16
+    by_bytes = choose_tensorization(in_f, out_f, rank, num_cores=(3,), tokens=tokens)
+    ties = [s for s in enumerate_shapes(in_f, out_f, rank, num_cores=(3,), tokens=tokens)[:4]
+            if s.flops == by_bytes.flops]
+    assert len(ties) > 1
+
+    class Prefers:
+        """Stands in for a planner that times the byte rule's first choice slowest."""
+
+        def planned_ms(self, spec: TTSpec, tokens: int) -> float:
+            assert spec.bias and spec.ranks == by_bytes.ranks
+            return 2.0 if (spec.in_modes, spec.out_modes) == (by_bytes.in_modes, by_bytes.out_modes) else 1.0
+
+    chosen = choose_tensorization(in_f, out_f, rank, num_cores=(3,), tokens=tokens, planner=Prefers())
+    assert chosen in ties and chosen != by_bytes
+    planner = Planner(measure=False)
+    spec = TTSpec(in_f, out_f, by_bytes.in_modes, by_bytes.out_modes, by_bytes.ranks, bias=True)
+    assert planner.planned_ms(spec, tokens) == pytest.approx(planner.scores(spec, tokens, False)[0][0] * 1e3)
+
+
 def test_tt_svd_truncation_by_rank_and_error():
     torch.manual_seed(0)
     w = torch.randn(24, 30, dtype=torch.float64)

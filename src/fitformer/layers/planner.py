@@ -387,6 +387,12 @@ def execution_ops(exe: Execution, spec: TTSpec, tokens: int, itemsize: int = 4) 
     return ops
 
 
+def _call_ops(exe: Execution, spec: TTSpec, tokens: int, training: bool, itemsize: int) -> list[Op]:
+    """The ops one call pays: in training the core work too, since the cores change every step."""
+    ops = execution_ops(exe, spec, tokens, itemsize)
+    return [{**op, "stage": "run"} for op in ops] if training else ops
+
+
 @dataclass
 class RooflineCost:
     """Default cost: ``sum(flops / (peak * eff) + bytes / bandwidth + overhead)`` over the ops.
@@ -552,12 +558,8 @@ class Planner:
     def scores(self, spec: TTSpec, tokens: int, training: bool, itemsize: int = 4) -> list[tuple[float, Execution]]:
         """Estimated seconds of every candidate, cheapest first."""
         cost = self.cost_fn()
-        scored = []
-        for exe in self.candidates(spec, tokens, training):
-            ops = execution_ops(exe, spec, tokens, itemsize)
-            if training:  # core work is per call when the cores change every step
-                ops = [{**op, "stage": "run"} for op in ops]
-            scored.append((cost(ops), exe))
+        scored = [(cost(_call_ops(exe, spec, tokens, training, itemsize)), exe)
+                  for exe in self.candidates(spec, tokens, training)]
         scored.sort(key=lambda se: se[0])
         return scored
 
@@ -596,6 +598,17 @@ class Planner:
     def _run_flops(exe: Execution, spec: TTSpec, tokens: int, training: bool) -> int:
         ops = execution_ops(exe, spec, tokens)
         return sum(int(op["flops"]) for op in ops if training or op["stage"] == "run")
+
+    def planned_ms(self, spec: TTSpec, tokens: int, dtype: torch.dtype = torch.float32,
+                   training: bool = False) -> float:
+        """Milliseconds of the plan for ``tokens`` rows (planned now if it was not): as timed when the plan was
+        made, or as the cost model estimates it when the planner does not measure."""
+        exe = self.plan(spec, tokens, dtype, training)
+        measured = self.timings(spec, tokens, dtype, training).get(exe.describe())
+        if measured is not None:
+            return measured
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return self.cost_fn()(_call_ops(exe, spec, token_bucket(tokens), training, itemsize)) * 1e3
 
     def timings(self, spec: TTSpec, tokens: int, dtype: torch.dtype = torch.float32,
                 training: bool = False) -> dict[str, float]:

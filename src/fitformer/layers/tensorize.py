@@ -20,8 +20,12 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .planner import Planner
 
 Op = dict[str, object]
 
@@ -268,11 +272,17 @@ def enumerate_shapes(in_features: int, out_features: int, rank: int | Sequence[i
 
 def choose_tensorization(in_features: int, out_features: int, rank: int | Sequence[int],
                          num_cores: Sequence[int] = (2, 3), tokens: int = 128, max_pad: float = 0.0,
-                         objective: str = "flops") -> TTShape:
+                         objective: str = "flops", planner: Planner | None = None) -> TTShape:
     """The enumerated shape that minimises ``objective`` (``"flops"``, ``"params"`` or ``"bytes"``) at
     ``rank``; ties broken by the bytes the chain writes in batched steps (which of a shape and its mirror
     image runs faster, see :func:`batched_result_bytes`), then by the other two. Falls back to padding by up
-    to 10% when the size factors badly."""
+    to 10% when the size factors badly.
+
+    With a ``planner``, up to four shapes tied on ``objective`` (in practice a shape and its mirror image)
+    are planned at ``tokens`` rows, as layers with a bias, and the one whose plan runs fastest wins (timed
+    on the host when the planner measures). Why: the byte tie-break is a rule of thumb; at 2,048 tokens and
+    rank 8, ``2x2x768-192x2x2`` ran 1.4x faster than ``768x2x2-2x2x192``, which it ranks first, while at rank
+    32 it ran 7% slower (``docs/tensorized.md``)."""
     if objective not in ("flops", "params", "bytes"):
         raise UserError(f"unknown tensorization objective '{objective}'; use flops, params or bytes")
     shapes = enumerate_shapes(in_features, out_features, rank, num_cores, tokens, max_pad)
@@ -284,4 +294,11 @@ def choose_tensorization(in_features: int, out_features: int, rank: int | Sequen
     order = {"flops": ("flops", "batched_bytes", "bytes", "params"),
              "params": ("params", "flops", "batched_bytes", "bytes"),
              "bytes": ("bytes", "flops", "batched_bytes", "params")}[objective]
-    return min(shapes, key=lambda s: tuple(getattr(s, f) for f in order))
+    ranked = sorted(shapes, key=lambda s: tuple(getattr(s, f) for f in order))
+    ties = [s for s in ranked[:4] if getattr(s, objective) == getattr(ranked[0], objective)]
+    if planner is None or len(ties) == 1:
+        return ranked[0]
+    from .planner import TTSpec  # the planner builds on this module's costs
+
+    return min(ties, key=lambda s: planner.planned_ms(
+        TTSpec(in_features, out_features, s.in_modes, s.out_modes, s.ranks, bias=True), tokens))
