@@ -14,8 +14,10 @@ Candidate executions (:class:`Execution`):
   once and cached at inference). Adjacent cores may be *fused offline* (``groups``): a group is
   multiplied into one larger core before the chain runs (once, cached at inference), trading FLOPs for
   fewer and larger GEMMs. The two extreme groupings are the unfused chain and one group of all cores.
-  The bias is added in place to the chain's output, or, in the variant with ``fold_bias`` (offered where
-  the last step is one GEMM on plain rows: ``n == 1``, or an ``e`` step), *folded into that GEMM*: the
+  Where the last step is one GEMM that writes whole output rows (one per token), the bias is added inside
+  it (``addmm``, as ``nn.Linear`` does); otherwise it is added in place to the chain's output, or, in the
+  variant with ``fold_bias`` (offered where the last step is one GEMM on plain rows: ``n == 1``, or an ``e``
+  step, writing ``R > 1`` rows per token), *folded into that GEMM*: the
   output ``(T, out)`` is ``(T R, M)`` rows of it, so appending the ``R x R`` identity, repeated per token,
   to the state's columns and the bias, as ``R`` rows, to the core matrix adds it inside the GEMM (``K + R``
   instead of ``K``, two small copies). That saves a pass over a large output (at 2,048 tokens and 3,072
@@ -137,7 +139,8 @@ def folded_bias_rows(exe: Execution, spec: TTSpec) -> int:
     f = spec.fused(exe.groups)
     _, m, _, n = chain_steps(f, exe.direction)[-1]
     mode = exe.modes[-1] if exe.modes else "b"
-    return f.out_padded // (m * n) if n == 1 or mode == "e" else 0
+    rows = f.out_padded // (m * n) if n == 1 or mode == "e" else 0
+    return rows if rows > 1 else 0  # one row per token: the unfolded chain adds the bias in its GEMM (addmm)
 
 
 def _padded_bias(bias: torch.Tensor, spec: TTSpec) -> torch.Tensor:
@@ -148,8 +151,8 @@ def prepare(exe: Execution, spec: TTSpec, cores: Sequence[torch.Tensor], hook: H
             bias: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The operands an execution needs from the cores (done once per call in training, cached at inference).
 
-    A chain that folds the bias (:func:`folded_bias_rows`) gets one more operand: its last matrix with the
-    bias appended as rows. Not while tracing: the per-token identity it needs is built per call.
+    A chain that folds the bias (:func:`folded_bias_rows`) gets two more operands: its last matrix with the
+    bias appended as rows, and the ``R x R`` identity that selects them. Not while tracing.
 
     Without grad mode the operands are detached: a view of a parameter keeps ``requires_grad`` even under
     ``no_grad``, and ``torch.matmul`` then declines to fold a broadcast product into one GEMM (a ``b`` step
@@ -178,6 +181,7 @@ def prepare(exe: Execution, spec: TTSpec, cores: Sequence[torch.Tensor], hook: H
         core, _, _, n = chain_steps(spec.fused(exe.groups), exe.direction)[-1]
         last = mats[core] if n > 1 else mats[core].t()  # (K, M): the state's columns by the output's
         mats.append(torch.cat([last, _padded_bias(bias, spec).reshape(rows, -1)]))
+        mats.append(torch.eye(rows, dtype=last.dtype, device=last.device))  # built per call it cost 40 of 250 us
     return mats
 
 
@@ -200,8 +204,10 @@ def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direc
     the batch (mode ``"b"``, no copy of the activations), as one large GEMM on the transposed state (mode
     ``"g"``: two copies, but no tiny matrices when ``n`` is small), or as one GEMM on the state as it lies
     against the expanded core that :func:`prepare` built (mode ``"e"``: ``n`` times the FLOPs, no copies).
-    With one more matrix than cores, the last step runs on that one, the bias folded in (:func:`prepare`);
-    otherwise ``bias`` (padded to ``prod out_modes``) is added to the result.
+    With two more matrices than cores, the last step runs on the first of them with the second, the
+    identity, appended to the state: the bias folded in (:func:`prepare`);
+    otherwise ``bias`` (padded to ``prod out_modes``) is added inside the last GEMM where that writes one
+    whole output row per token, else to the result.
     """
     steps = chain_steps(spec, direction)
     folded = len(mats) > len(steps)
@@ -209,12 +215,17 @@ def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direc
     for step, (core, m, kk, n) in enumerate(steps):  # noqa: B007 (m, n of the last step add the bias)
         a = mats[core]
         mode = modes[step] if modes else "b"
-        if folded and step == len(steps) - 1:  # [state | per-token identity] @ [matrix; bias rows]
-            w = mats[-1]
+        last = step == len(steps) - 1
+        if last and bias is not None and not folded and m * n == spec.out_padded and (n == 1 or mode == "e"):
+            # one GEMM writes whole output rows: add the bias inside it, as nn.Linear does (a separate add
+            # cost 10 of 92 us at 128 tokens)
+            return torch.addmm(bias, s.reshape(-1, kk * n), a if n > 1 else a.t())
+        if folded and last:  # [state | per-token identity] @ [matrix; bias rows]
+            w, eye = mats[-2], mats[-1]
             rows = w.shape[0] - kk * n
             wide = s.new_empty(x.shape[0], rows, kk * n + rows)  # two copies into one buffer beat torch.cat
             wide[:, :, : kk * n] = s.reshape(x.shape[0], rows, kk * n)
-            wide[:, :, kk * n:] = torch.eye(rows, dtype=s.dtype, device=s.device)
+            wide[:, :, kk * n:] = eye
             s = wide.reshape(-1, w.shape[0]) @ w
         elif n == 1:
             s = s.reshape(-1, kk) @ a.t()
@@ -225,7 +236,7 @@ def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direc
         else:  # a broadcast matmul, not bmm(a.expand(...)): that one's backward materialises a copy of the
             # core's gradient per batch row (10-25x slower), and its ONNX export materialises ``a`` per row
             s = torch.matmul(a, s.reshape(-1, kk, n))
-        if step < len(steps) - 1:
+        if not last:
             s = hook(s)
     if bias is None or folded:
         return s.reshape(x.shape[0], spec.out_padded)
@@ -382,7 +393,10 @@ def execution_ops(exe: Execution, spec: TTSpec, tokens: int, itemsize: int = 4) 
                     mm_op(1, b, m * n, k * n, itemsize, label=f"{op['label']} expanded")]
         else:
             ops.append(op)
-    if spec.bias and not folded and not (exe.modes and exe.modes[-1] == "g" and int(steps[-1]["n"]) > 1):
+    _, m, _, n = chain_steps(f, exe.direction)[-1]
+    last_mode = exe.modes[-1] if exe.modes else "b"
+    in_gemm = m * n == f.out_padded and (n == 1 or last_mode == "e")  # addmm, see run_chain
+    if spec.bias and not folded and not in_gemm and not (last_mode == "g" and n > 1):
         ops += bias_add  # after a "g" step the bias rides on the copy that transposes the result back
     return ops
 
@@ -625,34 +639,56 @@ class Planner:
         back memory that is already mapped (in ``bench_tt.py`` on a 2-core VM the fastest time chose a chain
         that ran 1.55x slower than the dense GEMM it replaced).
         """
-        gen = torch.Generator().manual_seed(0)
-        cores = [torch.randn(spec.ranks[k], i, o, spec.ranks[k + 1], generator=gen, dtype=dtype) / math.sqrt(i)
-                 for k, (i, o) in enumerate(zip(spec.in_modes, spec.out_modes, strict=True))]
-        x = torch.randn(tokens, spec.in_features, generator=gen, dtype=dtype)
-        bias = torch.randn(spec.out_features, generator=gen, dtype=dtype) if spec.bias else None
-        if training:
-            for c in [*cores, *([bias] if bias is not None else [])]:
-                c.requires_grad_(True)
-        fns = {}
-        for exe in executions:
-            steps = einsum_steps(spec, exe.path) if exe.kind == "einsum" else None
-            if training:
-                def fn(exe=exe, steps=steps) -> None:
-                    run(exe, x, prepare(exe, spec, cores, bias=bias), spec, steps=steps, bias=bias).sum().backward()
-            else:
-                with torch.no_grad():
-                    prepared = prepare(exe, spec, cores, bias=bias)
+        fns = {exe.describe(): _timed_call(exe, spec, tokens, dtype, training) for exe in executions}
+        return self._interleaved(fns, self.rounds)
 
-                def fn(exe=exe, steps=steps, prepared=prepared) -> None:
-                    with torch.no_grad():
-                        run(exe, x, prepared, spec, steps=steps, bias=bias)
-            fns[exe.describe()] = fn
-        rounds: dict[str, list[float]] = {name: [] for name in fns}
-        for r in range(self.rounds):
+    def fastest(self, specs: Sequence[TTSpec], tokens: int, dtype: torch.dtype = torch.float32,
+                training: bool = False) -> int:
+        """Index of the layer shape whose plan for ``tokens`` rows runs fastest: the plans are timed head to
+        head in interleaved rounds (three times the planner's), since tied shapes often differ by 10-20%,
+        within the spread of plans timed one after the other; modelled when the planner does not measure."""
+        plans = [self.plan(spec, tokens, dtype, training) for spec in specs]
+        if not self.measure or len(specs) == 1:
+            return min(range(len(specs)), key=lambda i: self.planned_ms(specs[i], tokens, dtype, training))
+        bucket = token_bucket(tokens)
+        fns = {str(i): _timed_call(exe, spec, bucket, dtype, training)
+               for i, (spec, exe) in enumerate(zip(specs, plans, strict=True))}
+        times = self._interleaved(fns, 3 * self.rounds)
+        return min(range(len(specs)), key=lambda i: times[str(i)])
+
+    def _interleaved(self, fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for r in range(rounds):
             for name, fn in fns.items():
-                rounds[name].append(time_fn(fn, warmup=1 if r == 0 else 0, repeats=3,
-                                            max_seconds=self.max_seconds).median_ms)
-        return {name: statistics.median(times) for name, times in rounds.items()}
+                samples[name].append(time_fn(fn, warmup=1 if r == 0 else 0, repeats=3,
+                                             max_seconds=self.max_seconds).median_ms)
+        return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _timed_call(exe: Execution, spec: TTSpec, tokens: int, dtype: torch.dtype,
+                training: bool) -> Callable[[], None]:
+    """One call of ``exe`` on seeded random cores and input of this shape, operands prepared beforehand at
+    inference (as the layer caches them) and per call in training (forward and backward)."""
+    gen = torch.Generator().manual_seed(0)
+    cores = [torch.randn(spec.ranks[k], i, o, spec.ranks[k + 1], generator=gen, dtype=dtype) / math.sqrt(i)
+             for k, (i, o) in enumerate(zip(spec.in_modes, spec.out_modes, strict=True))]
+    x = torch.randn(tokens, spec.in_features, generator=gen, dtype=dtype)
+    bias = torch.randn(spec.out_features, generator=gen, dtype=dtype) if spec.bias else None
+    steps = einsum_steps(spec, exe.path) if exe.kind == "einsum" else None
+    if training:
+        for c in [*cores, *([bias] if bias is not None else [])]:
+            c.requires_grad_(True)
+
+        def train_call() -> None:
+            run(exe, x, prepare(exe, spec, cores, bias=bias), spec, steps=steps, bias=bias).sum().backward()
+        return train_call
+    with torch.no_grad():
+        prepared = prepare(exe, spec, cores, bias=bias)
+
+    def call() -> None:
+        with torch.no_grad():
+            run(exe, x, prepared, spec, steps=steps, bias=bias)
+    return call
 
 
 _DEFAULT: Planner | None = None

@@ -279,8 +279,9 @@ def choose_tensorization(in_features: int, out_features: int, rank: int | Sequen
     to 10% when the size factors badly.
 
     With a ``planner``, up to four shapes tied on ``objective`` (in practice a shape and its mirror image)
-    are planned at ``tokens`` rows, as layers with a bias, and the one whose plan runs fastest wins (timed
-    on the host when the planner measures). Why: the byte tie-break is a rule of thumb; at 2,048 tokens and
+    are planned at ``tokens`` rows, as layers with a bias, and the one whose plan runs fastest wins
+    (:meth:`~fitformer.layers.planner.Planner.fastest`: the plans timed head to head on the host when the
+    planner measures). Why: the byte tie-break is a rule of thumb; at 2,048 tokens and
     rank 8, ``2x2x768-192x2x2`` ran 1.4x faster than ``768x2x2-2x2x192``, which it ranks first, while at rank
     32 it ran 7% slower (``docs/tensorized.md``)."""
     if objective not in ("flops", "params", "bytes"):
@@ -300,5 +301,5 @@ def choose_tensorization(in_features: int, out_features: int, rank: int | Sequen
         return ranked[0]
     from .planner import TTSpec  # the planner builds on this module's costs
 
-    return min(ties, key=lambda s: planner.planned_ms(
-        TTSpec(in_features, out_features, s.in_modes, s.out_modes, s.ranks, bias=True), tokens))
+    specs = [TTSpec(in_features, out_features, s.in_modes, s.out_modes, s.ranks, bias=True) for s in ties]
+    return ties[planner.fastest(specs, tokens)]
