@@ -196,9 +196,14 @@ def chain_steps(spec: TTSpec, direction: str) -> tuple[tuple[int, int, int, int]
     return tuple((k, o[k] * r[k + 1], r[k] * i[k], prod(i[k + 1:])) for k in range(d))
 
 
-def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direction: str,
-              hook: Hook = _identity, modes: str = "", bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The GEMM chain on ``x`` of shape ``(T, prod in_modes)``; returns ``(T, prod out_modes)``.
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def chain_runner(mats: Sequence[torch.Tensor], spec: TTSpec, direction: str, hook: Hook = _identity,
+                 modes: str = "", bias: torch.Tensor | None = None) -> Runner:
+    """The GEMM chain as a function of ``x`` of shape ``(T, prod in_modes)`` returning ``(T, prod out_modes)``,
+    with every choice that does not depend on ``x`` made here, once (a cached layer calls it at each
+    inference: at 128 tokens the choices cost 5-8 of a 75 us call).
 
     A step with ``n > 1`` runs as a batched matmul whose left operand (the core matrix) is broadcast across
     the batch (mode ``"b"``, no copy of the activations), as one large GEMM on the transposed state (mode
@@ -207,43 +212,94 @@ def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direc
     With two more matrices than cores, the last step runs on the first of them with the second, the
     identity, appended to the state: the bias folded in (:func:`prepare`);
     otherwise ``bias`` (padded to ``prod out_modes``) is added inside the last GEMM where that writes one
-    whole output row per token, else to the result.
+    whole output row per token (``addmm``, as ``nn.Linear`` does; a separate add cost 10 of 92 us at 128
+    tokens), else to the result.
     """
     steps = chain_steps(spec, direction)
     folded = len(mats) > len(steps)
-    s = x
-    for step, (core, m, kk, n) in enumerate(steps):  # noqa: B007 (m, n of the last step add the bias)
+    out = spec.out_padded
+    fns: list[Runner] = []
+    tail: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    for step, (core, m, kk, n) in enumerate(steps):
         a = mats[core]
         mode = modes[step] if modes else "b"
         last = step == len(steps) - 1
-        if last and bias is not None and not folded and m * n == spec.out_padded and (n == 1 or mode == "e"):
-            # one GEMM writes whole output rows: add the bias inside it, as nn.Linear does (a separate add
-            # cost 10 of 92 us at 128 tokens)
-            return torch.addmm(bias, s.reshape(-1, kk * n), a if n > 1 else a.t())
-        if folded and last:  # [state | per-token identity] @ [matrix; bias rows]
-            w, eye = mats[-2], mats[-1]
-            rows = w.shape[0] - kk * n
-            wide = s.new_empty(x.shape[0], rows, kk * n + rows)  # two copies into one buffer beat torch.cat
-            wide[:, :, : kk * n] = s.reshape(x.shape[0], rows, kk * n)
-            wide[:, :, kk * n:] = eye
-            s = wide.reshape(-1, w.shape[0]) @ w
+        if last and bias is not None and not folded and m * n == out and (n == 1 or mode == "e"):
+            fns.append(functools.partial(_addmm, bias, kk * n, a if n > 1 else a.t()))
+            tail = _as_rows
+        elif last and folded:  # [state | per-token identity] @ [matrix; bias rows]
+            fns.append(functools.partial(_folded, mats[-2], mats[-1], kk * n))
+            tail = _as_rows
         elif n == 1:
-            s = s.reshape(-1, kk) @ a.t()
+            fns.append(functools.partial(_gemm, kk, a.t()))
         elif mode == "e":
-            s = s.reshape(-1, kk * n) @ a
+            fns.append(functools.partial(_gemm, kk * n, a))
         elif mode == "g":
-            s = torch.matmul(s.reshape(-1, kk, n).transpose(1, 2), a.t()).transpose(1, 2)
+            fns.append(functools.partial(_transposed_gemm, kk, n, a.t()))
         else:  # a broadcast matmul, not bmm(a.expand(...)): that one's backward materialises a copy of the
             # core's gradient per batch row (10-25x slower), and its ONNX export materialises ``a`` per row
-            s = torch.matmul(a, s.reshape(-1, kk, n))
-        if not last:
-            s = hook(s)
-    if bias is None or folded:
-        return s.reshape(x.shape[0], spec.out_padded)
-    if s.is_contiguous():
-        return s.reshape(x.shape[0], spec.out_padded).add_(bias)
-    # a transposed view (a "g" step): one copy that lays it out and adds the bias
-    return torch.add(s.reshape(x.shape[0], -1, m, n), bias.reshape(-1, m, n)).reshape(x.shape[0], spec.out_padded)
+            fns.append(functools.partial(_broadcast_matmul, kk, n, a))
+        if not last and hook is not _identity:
+            fns.append(hook)
+    if tail is None:
+        if bias is None:
+            tail = _as_rows
+        elif (modes[-1] if modes else "b") == "g" and steps[-1][3] > 1:
+            # a transposed view: one copy that lays it out and adds the bias
+            tail = functools.partial(_add_laid_out, bias.reshape(-1, steps[-1][1], steps[-1][3]))
+        else:
+            tail = functools.partial(_add_in_place, bias)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        s = x
+        for fn in fns:
+            s = fn(s)
+        return tail(s, x.shape[0], out)
+    return call
+
+
+def _gemm(k: int, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return s.reshape(-1, k) @ a
+
+
+def _addmm(bias: torch.Tensor, k: int, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(bias, s.reshape(-1, k), a)
+
+
+def _transposed_gemm(k: int, n: int, at: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(s.reshape(-1, k, n).transpose(1, 2), at).transpose(1, 2)
+
+
+def _broadcast_matmul(k: int, n: int, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(a, s.reshape(-1, k, n))
+
+
+def _folded(w: torch.Tensor, eye: torch.Tensor, k: int, s: torch.Tensor) -> torch.Tensor:
+    rows = eye.shape[0]
+    tokens = s.numel() // (rows * k)
+    wide = s.new_empty(tokens, rows, k + rows)  # two copies into one buffer beat torch.cat
+    wide[:, :, :k] = s.reshape(tokens, rows, k)
+    wide[:, :, k:] = eye
+    return wide.reshape(-1, w.shape[0]) @ w
+
+
+def _as_rows(s: torch.Tensor, tokens: int, out: int) -> torch.Tensor:
+    return s.reshape(tokens, out)
+
+
+def _add_in_place(bias: torch.Tensor, s: torch.Tensor, tokens: int, out: int) -> torch.Tensor:
+    return s.reshape(tokens, out).add_(bias)  # the chain's own fresh buffer: no second output-sized one
+
+
+def _add_laid_out(bias: torch.Tensor, s: torch.Tensor, tokens: int, out: int) -> torch.Tensor:
+    m, n = bias.shape[-2:]
+    return torch.add(s.reshape(tokens, -1, m, n), bias).reshape(tokens, out)
+
+
+def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direction: str,
+              hook: Hook = _identity, modes: str = "", bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMM chain on ``x`` (see :func:`chain_runner`)."""
+    return chain_runner(mats, spec, direction, hook, modes, bias)(x)
 
 
 def _einsum_equation(d: int) -> str:
@@ -311,27 +367,45 @@ def run_einsum(x: torch.Tensor, cores: Sequence[torch.Tensor], spec: TTSpec,
     return operands[0].reshape(x.shape[0], spec.out_padded)
 
 
+def runner(exe: Execution, spec: TTSpec, prepared: Sequence[torch.Tensor], hook: Hook = _identity,
+           steps: Sequence[tuple[tuple[int, ...], str]] | None = None, bias: torch.Tensor | None = None) -> Runner:
+    """``exe`` as a function of ``x`` of shape ``(T, in_features)`` returning ``(T, out_features)`` with the
+    bias added; built once per cached plan at inference (see :func:`chain_runner`)."""
+    if exe.kind == "dense":
+        return functools.partial(_linear, prepared[0], bias)
+    pad_in = spec.in_padded - spec.in_features
+    cut_out = spec.out_features if spec.out_padded > spec.out_features else 0
+    if exe.kind == "chain":
+        chain = chain_runner(prepared, spec.fused(exe.groups), exe.direction, hook, exe.modes,
+                             None if bias is None else _padded_bias(bias, spec))
+        post = None
+    else:
+        if exe.kind == "reconstruct":
+            chain = functools.partial(torch.matmul, other=prepared[0])
+        else:
+            steps = steps if steps is not None else einsum_steps(spec, exe.path)
+            chain = functools.partial(run_einsum, cores=prepared, spec=spec, steps=steps, hook=hook)
+        post = bias
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        y = chain(F.pad(x, (0, pad_in)) if pad_in else x)
+        if cut_out:
+            y = y[:, :cut_out]
+        if post is None:
+            return y
+        # the product is a fresh buffer of our own: adding in place saves writing a second output-sized one
+        return y.add_(post) if y.is_contiguous() else y + post
+    return call
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
 def run(exe: Execution, x: torch.Tensor, prepared: Sequence[torch.Tensor], spec: TTSpec, hook: Hook = _identity,
         steps: Sequence[tuple[tuple[int, ...], str]] | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Execute ``exe`` on ``x`` of shape ``(T, in_features)``; returns ``(T, out_features)`` with bias added."""
-    if exe.kind == "dense":
-        return F.linear(x, prepared[0], bias)
-    if spec.in_padded > spec.in_features:
-        x = F.pad(x, (0, spec.in_padded - spec.in_features))
-    if exe.kind == "chain":
-        y = run_chain(x, prepared, spec.fused(exe.groups), exe.direction, hook, exe.modes,
-                      None if bias is None else _padded_bias(bias, spec))
-        return y[:, : spec.out_features] if spec.out_padded > spec.out_features else y
-    if exe.kind == "reconstruct":
-        y = x @ prepared[0]
-    else:
-        y = run_einsum(x, prepared, spec, steps if steps is not None else einsum_steps(spec, exe.path), hook)
-    if spec.out_padded > spec.out_features:
-        y = y[:, : spec.out_features]
-    if bias is None:
-        return y
-    # the product is a fresh buffer of our own: adding in place saves writing a second output-sized one
-    return y.add_(bias) if y.is_contiguous() else y + bias
+    return runner(exe, spec, prepared, hook, steps, bias)(x)
 
 
 # --------------------------------------------------------------------------------------------- costs

@@ -29,7 +29,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -43,6 +42,7 @@ from .planner import (
     merge_cores,
     prepare,
     run,
+    runner,
     token_bucket,
 )
 from .tensorize import Op, balanced_modes, bond_ranks, prod, validate_shape
@@ -139,8 +139,7 @@ class _InferenceCache:
     """What :meth:`TTLinear.forward` reuses between inference calls, and what it must still match: the input's
     dtype, device and token bucket, the planner, and each state tensor's storage and version."""
 
-    __slots__ = ("dtype", "device", "low", "high", "planner", "tensors", "state", "bias", "exe", "operands",
-                 "spec")
+    __slots__ = ("dtype", "device", "low", "high", "planner", "tensors", "state", "exe", "call")
 
     def __init__(self, layer: TTLinear, x2: torch.Tensor, exe: Execution, operands: list[torch.Tensor],
                  spec: TTSpec) -> None:
@@ -150,8 +149,8 @@ class _InferenceCache:
         self.planner = layer._planner()
         self.tensors = layer._state_tensors()  # kept alive: their storage is not reused while cached
         self.state = [(t.data_ptr(), t._version) for t in self.tensors]
-        self.bias = layer.bias
-        self.exe, self.operands, self.spec = exe, operands, spec
+        self.exe = exe
+        self.call = runner(exe, spec, operands, bias=layer.bias)  # the plan and its operands, choices made once
 
 
 class TTLinear(_TTBase):
@@ -247,10 +246,9 @@ class TTLinear(_TTBase):
             raise UserError(f"TTLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         hit = self._cache_hit(x)
         if hit is not None:
-            if hit.exe.kind == "dense":  # F.linear takes any leading dimensions: no reshapes
-                return F.linear(x, hit.operands[0], hit.bias)
-            y = run(hit.exe, x.reshape(-1, self.in_features), hit.operands, hit.spec, bias=hit.bias)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            if x.dim() == 2:
+                return hit.call(x)
+            return hit.call(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         cores = self.effective_cores()
