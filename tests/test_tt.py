@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -401,3 +402,22 @@ def test_inference_cache_is_per_token_bucket_and_follows_data_swaps_and_planners
         torch.testing.assert_close(tt(x), (before - bias) * 3)
         assert tt._cache is not cache and tt._cache.planner is tt.planner
         assert tt(x.reshape(5, 8, 12)).shape == (5, 8, 12)  # leading dimensions kept on a cache hit
+
+
+def test_a_cache_hit_runs_every_execution_as_planned_on_padded_layers():
+    """The prebuilt runner of a cached plan (padding, bias inside the GEMM, folded or added) gives what an
+    uncached call gives, for every candidate of a layer whose modes pad both sizes."""
+    torch.manual_seed(0)
+    tt = TTLinear(22, 23, (4, 6), (8, 3), 2, planner=MODEL_PLANNER, dtype=torch.float64).eval()
+    x = torch.randn(6, 22, dtype=torch.float64)
+    with torch.no_grad():
+        expected = F.linear(x, tt.weight, tt.bias)
+        for exe in MODEL_PLANNER.candidates(tt.spec, 6, False):
+            class Fixed(Planner):
+                def plan(self, spec, tokens, dtype=torch.float32, training=False, exe=exe):
+                    return exe
+            tt.planner = Fixed(measure=False)
+            miss, hit = tt(x), tt(x.reshape(2, 3, 22))
+            assert tt._cache is not None and tt._cache.exe == exe
+            torch.testing.assert_close(miss, expected, msg=exe.describe())
+            torch.testing.assert_close(hit.reshape(6, 23), expected, msg=exe.describe())
