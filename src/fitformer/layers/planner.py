@@ -136,11 +136,16 @@ def folded_bias_rows(exe: Execution, spec: TTSpec) -> int:
     """``R`` when the chain folds the bias into its last GEMM (output ``(T R, M)`` rows), else 0."""
     if exe.kind != "chain" or not spec.bias or not exe.fold_bias:
         return 0
-    f = spec.fused(exe.groups)
-    _, m, _, n = chain_steps(f, exe.direction)[-1]
-    mode = exe.modes[-1] if exe.modes else "b"
-    rows = f.out_padded // (m * n) if n == 1 or mode == "e" else 0
+    rows = last_gemm_rows(spec.fused(exe.groups), exe.direction, exe.modes)
     return rows if rows > 1 else 0  # one row per token: the unfolded chain adds the bias in its GEMM (addmm)
+
+
+def last_gemm_rows(spec: TTSpec, direction: str, modes: str) -> int:
+    """Output rows per token that the chain's last step writes when it is one GEMM on plain rows (``n == 1``
+    or an ``e`` step), else 0: with 1 the bias goes inside that GEMM (``addmm``), with more it can be folded."""
+    _, m, _, n = chain_steps(spec, direction)[-1]
+    mode = modes[-1] if modes else "b"
+    return spec.out_padded // (m * n) if n == 1 or mode == "e" else 0
 
 
 def _padded_bias(bias: torch.Tensor, spec: TTSpec) -> torch.Tensor:
@@ -219,12 +224,12 @@ def chain_runner(mats: Sequence[torch.Tensor], spec: TTSpec, direction: str, hoo
     folded = len(mats) > len(steps)
     out = spec.out_padded
     fns: list[Runner] = []
-    tail: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-    for step, (core, m, kk, n) in enumerate(steps):
+    tail: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None  # (state, tokens, out) -> output
+    for step, (core, _, kk, n) in enumerate(steps):
         a = mats[core]
         mode = modes[step] if modes else "b"
         last = step == len(steps) - 1
-        if last and bias is not None and not folded and m * n == out and (n == 1 or mode == "e"):
+        if last and bias is not None and not folded and last_gemm_rows(spec, direction, modes) == 1:
             fns.append(functools.partial(_addmm, bias, kk * n, a if n > 1 else a.t()))
             tail = _as_rows
         elif last and folded:  # [state | per-token identity] @ [matrix; bias rows]
@@ -467,9 +472,8 @@ def execution_ops(exe: Execution, spec: TTSpec, tokens: int, itemsize: int = 4) 
                     mm_op(1, b, m * n, k * n, itemsize, label=f"{op['label']} expanded")]
         else:
             ops.append(op)
-    _, m, _, n = chain_steps(f, exe.direction)[-1]
-    last_mode = exe.modes[-1] if exe.modes else "b"
-    in_gemm = m * n == f.out_padded and (n == 1 or last_mode == "e")  # addmm, see run_chain
+    in_gemm = last_gemm_rows(f, exe.direction, exe.modes) == 1  # addmm, see chain_runner
+    last_mode, n = (exe.modes[-1] if exe.modes else "b"), chain_steps(f, exe.direction)[-1][3]
     if spec.bias and not folded and not in_gemm and not (last_mode == "g" and n > 1):
         ops += bias_add  # after a "g" step the bias rides on the copy that transposes the result back
     return ops
