@@ -34,6 +34,8 @@ from fitformer.layers.quant import (
     lsq_fake_quant,
     lsq_fake_quant_reference,
     qrange,
+    round_vectors,
+    vector_keys,
 )
 from fitformer.models.tiny import tiny_bert_config
 
@@ -235,12 +237,21 @@ def test_qat_step_trains_weights_and_scales(tiny_classifier):
                                   QuantPlan(2, 8, per_channel=False)])
 def test_freeze_save_load_bit_identical(tiny_classifier, plan, tmp_path):
     q = _ready(tiny_classifier, plan)
-    frozen = freeze(q)
     batch = _batch(seed=5)
+    rounded = freeze(q)  # its vectors (biases, norms, step sizes) rounded to fp16, as the file stores them
+    assert torch.allclose(_logits(q, batch), _logits(rounded, batch), atol=1e-2)
+    assert all(torch.equal(v, v.half().float()) for k, v in rounded.state_dict().items() if k in vector_keys(q))
+    frozen = freeze(round_vectors(q))  # on the fp16 grid already: freezing changes nothing
     assert torch.equal(_logits(q, batch), _logits(frozen, batch))
     assert frozen.bert.encoder.layer[0].output.dense.weight_int.dtype in (torch.int8, torch.uint8)
     with pytest.raises(UserError, match="frozen"):
         save_quantized(q, tmp_path / "q.safetensors")
+    off_grid = freeze(round_vectors(q))
+    with torch.no_grad():
+        off_grid.classifier.bias.add_(1e-7)
+    with pytest.raises(UserError, match="classifier.bias is not on the fp16 grid"):
+        save_quantized(off_grid, tmp_path / "off.safetensors")
+    assert not (tmp_path / "off.safetensors").exists()
     n = save_quantized(frozen, tmp_path / "q.safetensors")
     assert n == size_bytes(tmp_path / "q.safetensors")
     loaded = load_quantized(tmp_path / "q.safetensors")

@@ -512,6 +512,8 @@ def test_side_weights_follow_a_quantized_word_embedding():
     assert dense.weight_bytes() - int8.weight_bytes() == sum(
         x.params * 3 for x in dense.all_layers()) + shape.side_params * 3
     float_embedding = replace(int8, embedding=replace(int8.embedding, bits=32))
+    assert replace(int8, embedding=replace(int8.embedding, bits=4)).side_bits == 4  # they follow it, down to 4
+    assert replace(int8, embedding=replace(int8.embedding, bits=2)).side_bits == 4
     assert float_embedding.side_bits == 32 and type(int8).from_dict(int8.to_dict()) == int8
     model = apply_plan(BertForSequenceClassification(config).eval(), spec_to_plan(int8, shape))
     assert is_quantized(model)
@@ -592,7 +594,8 @@ def test_factor_shapes_offer_quantized_low_rank_and_the_fewest_flop_shape():
 @pytest.mark.parametrize("seed", range(8))
 def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
     """What the search calls a candidate's size is the file ``export`` writes: the same tensors, and bytes
-    within 1% (step sizes, zero points and the safetensors index included; biases and norms as ``rest``)."""
+    within 1% (biases, norms, step sizes, zero points and the safetensors index included; fp16 vectors in a
+    quantized file; the classifier as ``rest``)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_model
@@ -614,7 +617,7 @@ def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
         _every_site(space, space.largest(), "tt", space.config.max_tt_shapes + k, 4) for k in (1, 0)]
     spec = space.decode(genes[seed])
     teacher = BertForSequenceClassification(config).eval()
-    rest = 4 * sum(p.numel() for p in teacher.parameters()) - space.reference().weight_bytes()
+    rest = space.reference().rest_bytes(sum(p.numel() for p in teacher.parameters()))
     student = apply_plan(teacher, spec_to_plan(spec, shape))
     assert student.bert.embeddings.position_embeddings.num_embeddings == 40
     assert space.reference().side_params == shape.side_params  # gains are measured against the whole teacher
@@ -627,6 +630,10 @@ def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
         save_model(student, str(path))
     with safe_open(str(path), framework="pt") as handle:
         saved = set(handle.keys())  # noqa: SIM118 (not a dict)
+        dtypes = {k: handle.get_tensor(k).dtype for k in saved}
+    assert dtypes["bert.embeddings.LayerNorm.bias"] == torch.float32
+    for x in spec.layers:  # a quantized layer's bias is fp16, a float one's fp32
+        assert dtypes[f"{x.name}.bias"] == (torch.float16 if x.bits < 32 else torch.float32)
     names, _, _ = spec.stored_tensors()
     assert set(names) == saved and len(names) == len(saved)
     assert spec.file_bytes() + rest == pytest.approx(path.stat().st_size, rel=0.01)

@@ -171,7 +171,7 @@ class Pipeline:
         space = DesignSpace(shape, space_config, device_limits(spec))
         cost = AnalyticCost(spec, shape, (c.latency_batch, c.seq_len))
         teacher_spec = space.reference()
-        rest = 4 * sum(p.numel() for p in self.teacher.model.parameters()) - teacher_spec.weight_bytes()
+        rest = teacher_spec.rest_bytes(sum(p.numel() for p in self.teacher.model.parameters()))
         smallest = cost(space.decode(space.most_compressed()))["size_bytes"]
         limits = {"size_bytes": min(spec.dram_bytes.value,
                                     self._size_limit(teacher_spec.file_bytes() + rest, rest, smallest))}

@@ -30,6 +30,7 @@ from ..layers.quant import (
     QuantTTLinear,
     check_bits,
     quantizers,
+    round_vectors,
 )
 from ..layers.tt import TTEmbedding, TTLinear
 from .plan import CompressionPlan, LayerPlan, apply_plan, plan_from_dict, plan_to_dict, register_handler, register_plan
@@ -209,7 +210,9 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> n
 
 @torch.no_grad()
 def freeze(model: nn.Module) -> nn.Module:
-    """A copy of a quantized model with integer weights plus step sizes; outputs are unchanged bit for bit."""
+    """A copy of a quantized model with integer weights plus step sizes. The quantized layers' biases, step
+    sizes and zero points are first rounded to fp16, as the packed file stores them; a model whose vectors
+    are on that grid already (:func:`fitformer.layers.quant.round_vectors`) keeps its outputs bit for bit."""
     mods = [m for m in model.modules() if isinstance(m, QuantModule)]
     if not mods:
         raise UserError("the model has no quantized layer; run quantize(model, spec) first")
@@ -217,7 +220,7 @@ def freeze(model: nn.Module) -> nn.Module:
     if missing:
         raise UserError(f"{len(missing)} activation quantizer(s) were never initialised; run calibrate(model, "
                         "batches) or at least one forward pass before freezing")
-    out = copy.deepcopy(model)
+    out = round_vectors(copy.deepcopy(model))  # stored at half precision (vector_keys): first, so codes use them
     for m in out.modules():
         if isinstance(m, QuantModule):
             m.freeze()

@@ -5,7 +5,10 @@ A frozen model (see :func:`fitformer.compress.quant.freeze`) is saved as one ``.
 - each ``<layer>.weight_int`` becomes ``<layer>.weight_int.packed`` (uint8, ``ceil(numel * bits / 8)``
   bytes) — values are offset to unsigned, written most significant bit first, so int4 puts two codes in a
   byte and int8 one;
-- everything else (step sizes, zero points, biases, layer norms, float layers) is stored as it is;
+- the quantized layers' vectors (:func:`fitformer.layers.quant.vector_keys`: biases, step sizes, zero
+  points), which :func:`fitformer.compress.quant.freeze` rounded to fp16, are stored as fp16 and read back
+  as fp32;
+- everything else (float layers, layer norms) is stored as it is;
 - the header metadata holds the packing layout, the Hugging Face config and the compression plans that
   rebuild the module structure on load.
 
@@ -29,7 +32,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path
-from ..layers.quant import LSQQuantizer, quant_modules, quantizers
+from ..layers.quant import LSQQuantizer, quant_modules, quantizers, vector_keys
 
 FORMAT = "fitformer-quant/1"
 PACKED = ".packed"
@@ -105,6 +108,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], meta: dict[st
             packed_keys[prefix + local] = (quantizer.bits, quantizer.symmetric, tuple(codes.shape))
         derived.update(prefix + k for k in m.derived_keys())
     derived |= _flag_keys(model)
+    vectors = set(vector_keys(model))
     seen: dict[tuple, str] = {}
     for key, value in model.state_dict().items():
         if key in derived:  # recomputed from the integer codes on load
@@ -119,7 +123,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], meta: dict[st
             layout[key] = {"alias": seen[ident]}
             continue
         seen[ident] = key
-        tensors[key] = value.detach().cpu().contiguous()
+        value = value.detach().cpu().contiguous()
+        if key in vectors and value.dtype == torch.float32:
+            half = value.to(torch.float16)
+            if not torch.equal(half.float(), value):
+                raise UserError(f"{key} is not on the fp16 grid; freeze the model with "
+                                "fitformer.compress.quant.freeze, which rounds its vectors")
+            value = half
+        tensors[key] = value
     metadata = {
         "format": FORMAT,
         "layout": json.dumps(layout),
@@ -154,7 +165,8 @@ def read_quantized(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path}: not a fitformer quantized model (format {metadata.get('format')!r})")
     layout = json.loads(metadata["layout"])
-    state: dict[str, torch.Tensor] = {k: v for k, v in raw.items() if not k.endswith(PACKED)}
+    state: dict[str, torch.Tensor] = {k: v.float() if v.dtype == torch.float16 else v  # the vectors
+                                      for k, v in raw.items() if not k.endswith(PACKED)}
     for key, info in layout.items():
         if "alias" in info:
             continue

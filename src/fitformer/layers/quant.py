@@ -493,3 +493,29 @@ def quantizers(model: nn.Module) -> list[LSQQuantizer]:
 
 def quant_modules(model: nn.Module) -> list[tuple[str, QuantModule]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+
+
+def vector_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the vectors of the quantized layers: each one's bias and its quantizers' step sizes
+    and zero points. A frozen quantized model keeps them at half precision (:func:`round_vectors`), so its
+    packed file stores them in 2 bytes a value (fp32, they were 6% of a 1.8 MB 4-bit TT MiniLM). Float
+    layers and layer norms keep fp32: the rule follows each layer's own bit width, so the size of a plan
+    stays a sum over its layers (:mod:`fitformer.search.allocate`)."""
+    keys = []
+    for name, module in quant_modules(model):
+        prefix = f"{name}." if name else ""
+        if isinstance(getattr(module, "bias", None), nn.Parameter):
+            keys.append(f"{prefix}bias")
+        keys += [prefix + k for k, _ in module.named_parameters() if k.endswith(("scale", "zero_point"))]
+    return keys
+
+
+@torch.no_grad()
+def round_vectors(model: nn.Module) -> nn.Module:
+    """Round every :func:`vector_keys` entry to the nearest fp16 value, in place (kept in its own dtype)."""
+    state = model.state_dict(keep_vars=True)
+    for key in vector_keys(model):
+        t = state[key]
+        if t.is_floating_point():
+            t.copy_(t.to(torch.float16))
+    return model

@@ -36,7 +36,8 @@ from ..layers.tensorize import _mode_tuples, bond_ranks, choose_tensorization, e
 
 FORMATS = ("dense", "lowrank", "tt")
 FLOAT_BITS = 32  # "not quantized"
-SIDE_BITS = 8  # side weights (CandidateSpec.side_params) of a model with a quantized word embedding
+MIN_SIDE_BITS = 4  # side weights (CandidateSpec.side_params) follow a quantized word embedding, at least 4 bits
+HALF_BYTES = 2  # a quantized layer's bias, step sizes and zero points are stored at half precision
 # A saved weights file beyond the values (CandidateSpec.file_bytes), fitted to a 4-bit TT MiniLM file:
 INDEX_ENTRY_BYTES = 53  # one tensor's safetensors index entry beyond its name and its two data offsets
 LAYOUT_ENTRY_BYTES = 57  # one packed tensor's entry in the packing layout beyond its name (escaped JSON)
@@ -184,7 +185,7 @@ class LayerSpec:
 
     def stored_tensors(self, embedding: bool = False) -> tuple[tuple[str, ...], tuple[str, ...], int]:
         """What a saved file holds for this weight: its tensors' names, the packed ones among them, and the
-        count of fp32 quantizer values (step sizes, zero points). It mirrors the modules: quantized weights
+        count of quantizer values (step sizes, zero points). It mirrors the modules: quantized weights
         keep one step size per output row, table row or TT bond channel
         (:func:`fitformer.layers.quant.core_channel_axis`), and a quantized linear layer's 8-bit input
         quantizer keeps a step size and a zero point."""
@@ -216,9 +217,9 @@ class CandidateSpec:
     """A decoded candidate: plain data, hashable; :meth:`key` identifies equal plans.
 
     ``side_params`` counts the weights no site covers (position and token-type tables, pooler). They follow
-    the word embedding: stored at 8 bits when it is quantized, else in float. Without that, a model whose
-    searched weights shrink 100x still carries 1.5 MB of float side tables (MiniLM-L6), which caps its size
-    gain near 60x whatever the search chooses."""
+    the word embedding: stored at its bit width (at least 4) when it is quantized, else in float. Without
+    that, a model whose searched weights shrink 100x still carries 1.5 MB of float side tables (MiniLM-L6),
+    which caps its size gain near 60x whatever the search chooses."""
 
     arch: ArchSpec
     layers: tuple[LayerSpec, ...]
@@ -227,7 +228,23 @@ class CandidateSpec:
 
     @property
     def side_bits(self) -> int:
-        return SIDE_BITS if self.embedding is not None and self.embedding.bits < FLOAT_BITS else FLOAT_BITS
+        quantized = self.embedding is not None and self.embedding.bits < FLOAT_BITS
+        return max(MIN_SIDE_BITS, self.embedding.bits) if quantized else FLOAT_BITS
+
+    def vector_bytes(self) -> int:
+        """Bytes of the vectors no weight count covers: each searched layer's bias (fp16 when the layer is
+        quantized, :func:`fitformer.layers.quant.vector_keys`), the layer norms of the kept encoder layers and
+        the embeddings (fp32), and the pooler's bias (fp16 with quantized side weights). Not the classifier,
+        which depends on the task."""
+        h = self.arch.hidden_size
+        biases = sum(x.out_features * (HALF_BYTES if x.bits < FLOAT_BITS else 4) for x in self.layers)
+        norms = 4 * (4 * h * self.arch.num_layers + 2 * h)
+        return biases + norms + h * (HALF_BYTES if self.side_bits < FLOAT_BITS else 4)
+
+    def rest_bytes(self, model_params: int) -> int:
+        """Bytes of a float model of ``model_params`` parameters that this spec, taken as that model, does not
+        count (the classifier): the pipeline adds them to every candidate's :meth:`file_bytes`."""
+        return 4 * model_params - self.weight_bytes() - self.vector_bytes()
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": asdict(self.arch), "layers": [asdict(x) for x in self.layers],
@@ -259,19 +276,19 @@ class CandidateSpec:
         return searched + math.ceil(self.side_params * self.side_bits / 8)
 
     def file_bytes(self) -> int:
-        """The saved weights file as predicted: :meth:`weight_bytes`, the quantizers' fp32 step sizes and zero
-        points, and the safetensors index and metadata, with an entry for every tensor (biases and norms
-        too, whose values the caller adds). In a 1.8 MB 4-bit TT MiniLM the index is 58 KB and the step
-        sizes 18 KB: counting values alone predicted 52.2x for a file of 49.5x."""
+        """The saved weights file as predicted: :meth:`weight_bytes`, :meth:`vector_bytes`, the quantizers'
+        fp16 step sizes and zero points, and the safetensors index and metadata, with an entry for every
+        tensor. In a 1.8 MB 4-bit TT MiniLM the index is 58 KB and the step sizes 18 KB (at fp32): counting
+        weights alone predicted 52.2x for a file of 49.5x."""
         names, packed, scalars = self.stored_tensors()
-        values = self.weight_bytes() + 4 * scalars
+        values = self.weight_bytes() + self.vector_bytes() + HALF_BYTES * scalars
         entry = INDEX_ENTRY_BYTES + 2 * len(str(values))  # the offsets are decimal byte positions
         index = sum(len(x) + entry for x in names) + sum(len(x) + LAYOUT_ENTRY_BYTES for x in packed)
         return values + index + METADATA_BYTES
 
     def stored_tensors(self) -> tuple[list[str], list[str], int]:
         """:meth:`LayerSpec.stored_tensors` of the whole saved model: every tensor's name, the packed ones
-        among them, and the count of fp32 quantizer values."""
+        among them, and the count of quantizer values."""
         parts = [x.stored_tensors() for x in self.layers] + [self.unsearched_tensors()]
         if self.embedding is not None:
             parts.append(self.embedding.stored_tensors(embedding=True))
