@@ -29,6 +29,7 @@ from fitformer.layers import (
 )
 from fitformer.layers.planner import TTSpec, execution_ops, folded_bias_rows, prepare, run
 from fitformer.layers.tensorize import TTShape, batched_result_bytes, chain_ops
+from fitformer.layers.tt import lookup_flops
 
 MODEL_PLANNER = Planner(measure=False)
 
@@ -262,6 +263,34 @@ def test_embedding_full_rank_lookup_and_gradients():
         tt(torch.tensor([58]))
     small = TTEmbedding.from_embedding(emb, (3, 4, 5), (2, 2, 3), max_rank=2)
     assert max(small.ranks) == 2 and small.reconstruction_error > 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(tt_shapes(), st.integers(1, 40))
+def test_embedding_lookup_orders_give_the_table_rows_and_gradients(shape, n):
+    """First to last and last to first select the same rows of the dense table, with the same core gradients;
+    the default order is the one with fewer FLOPs, as :func:`lookup_flops` counts them per product."""
+    vocab_modes, hidden_modes, ranks = shape
+    tt = TTEmbedding(math.prod(vocab_modes), math.prod(hidden_modes), vocab_modes, hidden_modes, ranks,
+                     dtype=torch.float64)
+    ids = torch.randint(0, tt.num_embeddings, (n,), generator=torch.Generator().manual_seed(n))
+    table = dense_of(list(tt.cores), vocab_modes, hidden_modes)
+    grads = []
+    for order in (True, False):
+        tt.zero_grad()
+        rows = tt.rows(ids, left_to_right=order)
+        torch.testing.assert_close(rows, table[ids], rtol=1e-10, atol=1e-10)
+        (rows * torch.arange(rows.numel(), dtype=torch.float64).reshape(rows.shape)).sum().backward()
+        grads.append([c.grad.clone() for c in tt.cores])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    flops = {o: lookup_flops(hidden_modes, tt.ranks, o) for o in (True, False)}
+    assert tt.left_to_right() == (flops[True] <= flops[False])
+    assert sum(op["flops"] for op in tt.cost_ops(n)) == n * min(flops.values())
+    h, r = hidden_modes, tt.ranks  # counted by hand for three cores
+    if len(h) == 3:
+        assert flops[True] == 2 * (h[0] * r[1] * h[1] * r[2] + h[0] * h[1] * r[2] * h[2])
+        assert flops[False] == 2 * (r[1] * h[1] * r[2] * h[2] + h[0] * r[1] * h[1] * h[2])
 
 
 @pytest.mark.parametrize(("used", "gain"), [([1, 4, 7, 30, 59], 0.5), (list(range(0, 60, 5)), 0.8)],
