@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -34,6 +35,7 @@ from fitformer.layers.quant import (
     lsq_fake_quant,
     lsq_fake_quant_reference,
     qrange,
+    quant_modules,
     round_vectors,
     vector_keys,
 )
@@ -258,6 +260,38 @@ def test_freeze_save_load_bit_identical(tiny_classifier, plan, tmp_path):
     assert torch.equal(_logits(frozen, batch), _logits(loaded, batch))
     with pytest.raises(UserError, match="already quantized"):
         quantize(loaded, QuantPlan())
+
+
+def test_packed_blobs_are_split_by_the_structure_and_first_format_files_still_load(tiny_classifier, tmp_path):
+    """The codes and vectors blobs carry no names: a blob that does not fit the rebuilt structure is refused;
+    a ``fitformer-quant/1`` file (every tensor by name, a packing layout) loads to the same model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fitformer.export.quantized import FORMAT_V1, freeze_structure, load_into, read_quantized
+
+    frozen = freeze(_ready(tiny_classifier, QuantPlan(4, 8)))
+    save_quantized(frozen, tmp_path / "q.safetensors")
+    state, _ = read_quantized(tmp_path / "q.safetensors")
+    structure = freeze_structure(quantize(BertForSequenceClassification(tiny_classifier.config), QuantPlan(4, 8)))
+    for blob in ("__codes__", "__vectors__"):
+        with pytest.raises(UserError, match="blob sizes differ"):
+            load_into(copy.deepcopy(structure), {**state, blob: state[blob][:-1]})
+    batch = _batch(seed=2)
+    assert torch.equal(_logits(frozen, batch), _logits(load_into(structure, state).eval(), batch))
+    tensors, layout = {}, {}  # the first format, written as its writer did
+    codes = {f"{n}.{local}": q for n, m in quant_modules(frozen) for local, q in m.int_codes().items()}
+    for key, value in frozen.state_dict().items():
+        if key in codes:
+            tensors[f"{key}.packed"] = pack_bits(value, codes[key].bits, codes[key].symmetric)
+            layout[key] = {"bits": codes[key].bits, "signed": codes[key].symmetric, "shape": list(value.shape)}
+        elif not key.endswith(("initialized", ".weight")) or "LayerNorm" in key or "classifier" in key:
+            tensors[key] = value.contiguous()
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={
+        "format": FORMAT_V1, "layout": json.dumps(layout), "plans": json.dumps(frozen.fitformer_plans),
+        "meta": "{}", "hf_config": frozen.config.to_json_string()})
+    assert torch.equal(_logits(frozen, batch), _logits(load_quantized(tmp_path / "v1.safetensors"), batch))
 
 
 def test_low_bit_file_is_smaller(tiny_classifier, tmp_path):

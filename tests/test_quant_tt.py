@@ -17,7 +17,14 @@ from fitformer.errors import UserError
 from fitformer.export.onnx_quant import compare_with_torch, export_quantized_onnx, ort_session
 from fitformer.export.quantized import load_quantized, save_quantized
 from fitformer.layers.planner import Planner, unfused_chain
-from fitformer.layers.quant import QuantTTEmbedding, QuantTTLinear, core_channel_axis, round_vectors
+from fitformer.layers.quant import (
+    QuantTTEmbedding,
+    QuantTTLinear,
+    core_channel_axis,
+    quant_modules,
+    round_vectors,
+    vector_keys,
+)
 from fitformer.layers.tt import TTEmbedding, TTLinear
 from fitformer.models.tiny import tiny_bert_config
 
@@ -129,7 +136,14 @@ def test_tt_freeze_save_load_bit_identical(tt_classifier, tmp_path):
     save_quantized(frozen, path)
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
-    assert "bert.encoder.layer.0.intermediate.dense.core_int_0.packed" in keys
+        codes, vectors = handle.get_tensor("__codes__"), handle.get_tensor("__vectors__")
+    # the codes and the quantized layers' vectors sit in one blob each; float tensors keep their names
+    assert not any("core_int" in k or k.endswith(("scale", "zero_point")) for k in keys)
+    assert codes.dtype == torch.uint8 and vectors.dtype == torch.float16
+    assert codes.numel() == sum(-(-getattr(m, local).numel() * q.bits // 8)  # each packed to whole bytes
+                                for _, m in quant_modules(frozen) for local, q in m.int_codes().items())
+    assert vectors.numel() == sum(state[k].numel() for state in [frozen.state_dict()] for k in vector_keys(frozen))
+    assert "bert.encoder.layer.0.output.LayerNorm.weight" in keys
     assert not any(".cores." in k for k in keys)  # float cores are derived from the codes, not stored
     assert not any(k.endswith(".initialized") for k in keys)  # every quantizer of a frozen model is set
     loaded = load_quantized(path)

@@ -594,8 +594,8 @@ def test_factor_shapes_offer_quantized_low_rank_and_the_fewest_flop_shape():
 @pytest.mark.parametrize("seed", range(8))
 def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
     """What the search calls a candidate's size is the file ``export`` writes: the same tensors, and bytes
-    within 1% (biases, norms, step sizes, zero points and the safetensors index included; fp16 vectors in a
-    quantized file; the classifier as ``rest``)."""
+    within 1% (biases, norms, step sizes, zero points and the safetensors index included; a quantized file's
+    codes and fp16 vectors in two blobs; the classifier as ``rest``)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_model
@@ -632,8 +632,9 @@ def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
         saved = set(handle.keys())  # noqa: SIM118 (not a dict)
         dtypes = {k: handle.get_tensor(k).dtype for k in saved}
     assert dtypes["bert.embeddings.LayerNorm.bias"] == torch.float32
-    for x in spec.layers:  # a quantized layer's bias is fp16, a float one's fp32
-        assert dtypes[f"{x.name}.bias"] == (torch.float16 if x.bits < 32 else torch.float32)
-    names, _, _ = spec.stored_tensors()
+    for x in spec.layers:  # a float layer's bias by name in fp32, a quantized one's in the fp16 blob
+        assert dtypes.get(f"{x.name}.bias") == (None if x.bits < 32 else torch.float32)
+    assert dtypes.get("__vectors__", torch.float16) == torch.float16
+    names, _ = spec.stored_tensors()
     assert set(names) == saved and len(names) == len(saved)
     assert spec.file_bytes() + rest == pytest.approx(path.stat().st_size, rel=0.01)

@@ -40,8 +40,8 @@ MIN_SIDE_BITS = 4  # side weights (CandidateSpec.side_params) follow a quantized
 HALF_BYTES = 2  # a quantized layer's bias, step sizes and zero points are stored at half precision
 # A saved weights file beyond the values (CandidateSpec.file_bytes), fitted to a 4-bit TT MiniLM file:
 INDEX_ENTRY_BYTES = 53  # one tensor's safetensors index entry beyond its name and its two data offsets
-LAYOUT_ENTRY_BYTES = 57  # one packed tensor's entry in the packing layout beyond its name (escaped JSON)
 METADATA_BYTES = 800  # format tag, Hugging Face config, plans
+BLOB_NAMES = ("__codes__", "__vectors__")  # a quantized file's packed codes and fp16 vectors (export.quantized)
 # Linear modules of one BERT encoder layer: (name suffix, in-dimension role, out-dimension role).
 LINEAR_SITES = (
     ("attention.self.query", "hidden", "attn"),
@@ -183,33 +183,27 @@ class LayerSpec:
                                                                      self.in_modes, self.out_modes))
         return round(self.in_features * self.out_features * (1.0 - self.sparsity))
 
-    def stored_tensors(self, embedding: bool = False) -> tuple[tuple[str, ...], tuple[str, ...], int]:
-        """What a saved file holds for this weight: its tensors' names, the packed ones among them, and the
-        count of quantizer values (step sizes, zero points). It mirrors the modules: quantized weights
+    def stored_tensors(self, embedding: bool = False) -> tuple[tuple[str, ...], int]:
+        """What a saved file holds for this weight: the names of its float tensors (a quantized layer's codes
+        and vectors go into the file's two blobs, :mod:`fitformer.export.quantized`, and have no name), and
+        the count of quantizer values (step sizes, zero points). It mirrors the modules: quantized weights
         keep one step size per output row, table row or TT bond channel
         (:func:`fitformer.layers.quant.core_channel_axis`), and a quantized linear layer's 8-bit input
-        quantizer keeps a step size and a zero point."""
+        quantizer keeps a step size and a zero point. The bias is the caller's (:meth:`CandidateSpec.vector_bytes`)."""
         n, quantized = self.name, self.bits < FLOAT_BITS
         if self.format == "lowrank":
-            return (f"{n}.first", f"{n}.second"), (), 0  # the quant handler cannot wrap a LowRankLinear yet
+            return (f"{n}.first", f"{n}.second"), 0  # the quant handler cannot wrap a LowRankLinear yet
+        if not quantized:
+            if self.format == "tt":
+                return tuple(f"{n}.cores.{k}" for k in range(len(self.in_modes))), 0
+            return (f"{n}.weight",) + ((f"{n}.mask",) if self.sparsity else ()), 0
         if self.format == "tt":
             d = len(self.in_modes)
-            if not quantized:
-                return tuple(f"{n}.cores.{k}" for k in range(d)), (), 0
             ranks = tt_ranks(d, self.rank, self.in_modes, self.out_modes)
-            packed = tuple(f"{n}.core_int_{k}" for k in range(d))
-            names = tuple(f"{p}.packed" for p in packed) + tuple(f"{n}.core_quant.{k}.scale" for k in range(d))
             scalars = sum(ranks[1:d]) + ranks[d - 1]  # outgoing bonds, and the last core's incoming one
-        elif not quantized:
-            return (f"{n}.weight",) + ((f"{n}.mask",) if self.sparsity else ()), (), 0
         else:
-            packed = (f"{n}.weight_int",)
-            names = (f"{n}.weight_int.packed", f"{n}.weight_quant.scale")
             scalars = self.in_features if embedding else self.out_features
-        if not embedding:
-            names += (f"{n}.input_quant.scale", f"{n}.input_quant.zero_point")
-            scalars += 2
-        return names, packed, scalars
+        return (), scalars + (0 if embedding else 2)
 
 
 @dataclass(frozen=True)
@@ -278,41 +272,38 @@ class CandidateSpec:
     def file_bytes(self) -> int:
         """The saved weights file as predicted: :meth:`weight_bytes`, :meth:`vector_bytes`, the quantizers'
         fp16 step sizes and zero points, and the safetensors index and metadata, with an entry for every
-        tensor. In a 1.8 MB 4-bit TT MiniLM the index is 58 KB and the step sizes 18 KB (at fp32): counting
-        weights alone predicted 52.2x for a file of 49.5x."""
-        names, packed, scalars = self.stored_tensors()
+        named tensor (:meth:`stored_tensors`). Counting the weights alone predicted 52.2x for a 4-bit TT
+        MiniLM file of 49.5x, when each of its 303 tensors had an index entry (58 KB)."""
+        names, scalars = self.stored_tensors()
         values = self.weight_bytes() + self.vector_bytes() + HALF_BYTES * scalars
         entry = INDEX_ENTRY_BYTES + 2 * len(str(values))  # the offsets are decimal byte positions
-        index = sum(len(x) + entry for x in names) + sum(len(x) + LAYOUT_ENTRY_BYTES for x in packed)
-        return values + index + METADATA_BYTES
+        return values + sum(len(x) + entry for x in names) + METADATA_BYTES
 
-    def stored_tensors(self) -> tuple[list[str], list[str], int]:
-        """:meth:`LayerSpec.stored_tensors` of the whole saved model: every tensor's name, the packed ones
-        among them, and the count of quantizer values."""
+    def stored_tensors(self) -> tuple[list[str], int]:
+        """The names a saved file holds (:meth:`LayerSpec.stored_tensors` of every part, and the two blobs of
+        a quantized model) and the count of quantizer values."""
         parts = [x.stored_tensors() for x in self.layers] + [self.unsearched_tensors()]
         if self.embedding is not None:
             parts.append(self.embedding.stored_tensors(embedding=True))
-        return [n for part in parts for n in part[0]], [n for part in parts for n in part[1]], sum(p[2] for p in parts)
+        names = [n for part in parts for n in part[0]]
+        quantized = self.side_bits < FLOAT_BITS or any(x.bits < FLOAT_BITS for x in self.all_layers())
+        return names + (list(BLOB_NAMES) if quantized else []), sum(p[1] for p in parts)
 
-    def unsearched_tensors(self) -> tuple[tuple[str, ...], tuple[str, ...], int]:
-        """:meth:`LayerSpec.stored_tensors` of what no site covers: biases, layer norms, the side weights
-        (quantized as :func:`fitformer.search.cost.spec_to_plan` does) and the classifier."""
+    def unsearched_tensors(self) -> tuple[tuple[str, ...], int]:
+        """:meth:`LayerSpec.stored_tensors` of what no site covers: float layers' biases, layer norms, the side
+        weights (quantized as :func:`fitformer.search.cost.spec_to_plan` does) and the classifier."""
         first = next((x.name for x in self.all_layers()), f"bert.{EMBEDDING_NAME}")
         root = first.split(".encoder.")[0] if ".encoder." in first else first.split(".embeddings.")[0]
-        names = [f"{x.name}.bias" for x in self.layers]
+        names = [f"{x.name}.bias" for x in self.layers if x.bits == FLOAT_BITS]
         names += [f"{x.name[:-len('dense')]}LayerNorm.{p}" for x in self.layers if x.name.endswith(".output.dense")
                   for p in ("weight", "bias")]
         names += [f"{root}.embeddings.LayerNorm.weight", f"{root}.embeddings.LayerNorm.bias",
-                  f"{root}.pooler.dense.bias", "classifier.weight", "classifier.bias"]
-        if not self.side_params:
-            return tuple(names), (), 0
+                  "classifier.weight", "classifier.bias"]
         side = list(side_names(root))
-        if self.side_bits == FLOAT_BITS:
-            return tuple(names + [f"{x}.weight" for x in side]), (), 0
-        packed = [f"{x}.weight_int" for x in side]
-        names += [f"{x}.packed" for x in packed] + [f"{x}.weight_quant.scale" for x in side]
-        names += [f"{side[-1]}.input_quant.scale", f"{side[-1]}.input_quant.zero_point"]
-        return tuple(names), tuple(packed), self.side_params // self.arch.hidden_size + 2  # a step size per row
+        if not self.side_params or self.side_bits == FLOAT_BITS:
+            names.append(f"{root}.pooler.dense.bias")
+            return tuple(names + ([f"{x}.weight" for x in side] if self.side_params else [])), 0
+        return tuple(names), self.side_params // self.arch.hidden_size + 2  # a step size per row, the pooler's input
 
 
 @dataclass(frozen=True)
