@@ -196,7 +196,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """Load what :func:`read_quantized` returned into a frozen model of the same structure (strict): the codes
     and vectors are split from their blobs in the structure's order and shapes."""
     state = dict(state)
-    if CODES in state:  # (a fitformer-quant/1 file was unpacked by name already)
+    if CODES in state:  # a first-format file arrives unpacked by name (read_quantized)
         codes, vectors = state.pop(CODES), state.pop(VECTORS).float()
         structure = model.state_dict()
         code_bytes = [-(-structure[key].numel() * q.bits // 8) for key, q in _code_keys(model)]
