@@ -102,16 +102,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], meta: dict[st
     """Save a frozen quantized model to ``path`` (one packed safetensors file, atomically); returns its size."""
     if not is_frozen_quantized(model):
         raise UserError("save_quantized needs a frozen model; call freeze(quantize(model, spec)) first")
-    state = model.state_dict()
-    codes = [pack_bits(state[key], q.bits, q.symmetric) for key, q in _code_keys(model)]
+    state, code_keys, vector_names = model.state_dict(), _code_keys(model), vector_keys(model)
+    codes = [pack_bits(state[key], q.bits, q.symmetric) for key, q in code_keys]
     vectors = []
-    for key in vector_keys(model):
+    for key in vector_names:
         value = state[key].detach().cpu().reshape(-1).float()
         if not torch.equal(value.half().float(), value):
             raise UserError(f"{key} is not on the fp16 grid; freeze the model with "
                             "fitformer.compress.quant.freeze, which rounds its vectors")
         vectors.append(value.half())
-    skip = _derived_keys(model) | {key for key, _ in _code_keys(model)} | set(vector_keys(model))
+    skip = _derived_keys(model) | {key for key, _ in code_keys} | set(vector_names)
     tensors: dict[str, torch.Tensor] = {CODES: torch.cat(codes), VECTORS: torch.cat(vectors)}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -198,19 +198,20 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     state = dict(state)
     if CODES in state:  # a first-format file arrives unpacked by name (read_quantized)
         codes, vectors = state.pop(CODES), state.pop(VECTORS).float()
-        structure = model.state_dict()
-        code_bytes = [-(-structure[key].numel() * q.bits // 8) for key, q in _code_keys(model)]
-        vector_sizes = [structure[key].numel() for key in vector_keys(model)]
+        structure, code_keys, vector_names = model.state_dict(), _code_keys(model), vector_keys(model)
+        code_bytes = [-(-structure[key].numel() * q.bits // 8) for key, q in code_keys]
+        vector_sizes = [structure[key].numel() for key in vector_names]
         if sum(code_bytes) != codes.numel() or sum(vector_sizes) != vectors.numel():
             raise UserError(f"the saved model does not match the structure: blob sizes differ ({codes.numel()} "
                             f"bytes of codes and {vectors.numel()} vector values stored, {sum(code_bytes)} and "
                             f"{sum(vector_sizes)} expected); rebuild it with the same plans")
-        for (key, q), part in zip(_code_keys(model), codes.split(code_bytes), strict=True):
+        for (key, q), part in zip(code_keys, codes.split(code_bytes), strict=True):
             state[key] = unpack_bits(part, q.bits, q.symmetric, tuple(structure[key].shape))
-        for key, part in zip(vector_keys(model), vectors.split(vector_sizes), strict=True):
+        for key, part in zip(vector_names, vectors.split(vector_sizes), strict=True):
             state[key] = part.reshape(structure[key].shape)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _derived_keys(model)]
+    derived = _derived_keys(model)
+    missing = [k for k in missing if k not in derived]
     if missing or unexpected:
         raise UserError(f"the saved model does not match the structure: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}; rebuild it with the same plans")

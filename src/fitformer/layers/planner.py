@@ -148,6 +148,12 @@ def last_gemm_rows(spec: TTSpec, direction: str, modes: str) -> int:
     return spec.out_padded // (m * n) if n == 1 or mode == "e" else 0
 
 
+def ends_transposed(spec: TTSpec, direction: str, modes: str) -> bool:
+    """Whether the chain's last step is a ``g`` step with trailing modes, leaving a transposed view: the bias
+    then rides on the one copy that lays the result out."""
+    return (modes[-1] if modes else "b") == "g" and chain_steps(spec, direction)[-1][3] > 1
+
+
 def _padded_bias(bias: torch.Tensor, spec: TTSpec) -> torch.Tensor:
     return F.pad(bias, (0, spec.out_padded - spec.out_features)) if spec.out_padded > spec.out_features else bias
 
@@ -249,8 +255,7 @@ def chain_runner(mats: Sequence[torch.Tensor], spec: TTSpec, direction: str, hoo
     if tail is None:
         if bias is None:
             tail = _as_rows
-        elif (modes[-1] if modes else "b") == "g" and steps[-1][3] > 1:
-            # a transposed view: one copy that lays it out and adds the bias
+        elif ends_transposed(spec, direction, modes):  # one copy that lays the view out and adds the bias
             tail = functools.partial(_add_laid_out, bias.reshape(-1, steps[-1][1], steps[-1][3]))
         else:
             tail = functools.partial(_add_in_place, bias)
@@ -473,8 +478,7 @@ def execution_ops(exe: Execution, spec: TTSpec, tokens: int, itemsize: int = 4) 
         else:
             ops.append(op)
     in_gemm = last_gemm_rows(f, exe.direction, exe.modes) == 1  # addmm, see chain_runner
-    last_mode, n = (exe.modes[-1] if exe.modes else "b"), chain_steps(f, exe.direction)[-1][3]
-    if spec.bias and not folded and not in_gemm and not (last_mode == "g" and n > 1):
+    if spec.bias and not folded and not in_gemm and not ends_transposed(f, exe.direction, exe.modes):
         ops += bias_add  # after a "g" step the bias rides on the copy that transposes the result back
     return ops
 
