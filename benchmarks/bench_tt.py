@@ -14,6 +14,12 @@ runs faster on the host, see :func:`fitformer.layers.choose_tensorization`), it 
 - ``tltorch``: ``tltorch.FactorizedLinear`` with BlockTT at the same ranks, best of its ``factorized`` and
   ``reconstructed`` implementations.
 
+``dense`` and ``planned`` are timed in 16 alternating rounds (so load from elsewhere lands on both), each
+side running untimed for 30 ms before its timed calls in every round: right after a 30 ms dense GEMM a
+2,048-token TT layer's calls run up to 1.9x slower for about ten calls, a wake that would charge the fast
+side a larger share of its time than the slow one. ``naive_einsum`` and ``tltorch`` are timed in runs of
+consecutive calls.
+
 Writes ``benchmarks/results/tt.json`` (``tt.quick.json`` with ``--quick``).
 """
 
@@ -38,6 +44,7 @@ from fitformer.layers.planner import _einsum_equation, einsum_operands  # noqa: 
 LAYERS = [(384, 1536), (1536, 384), (768, 3072), (3072, 768)]
 TOKENS = [128, 2048]
 RANKS = [8, 16, 32, 64]
+SETTLE_SECONDS = 0.03  # untimed calls per side and round before its timed ones (hardware.timing.settle)
 
 
 def ms(fn, repeats: int = 7) -> float:
@@ -76,8 +83,10 @@ def bench_row(in_f: int, out_f: int, tokens: int, rank: int, kind: str, planner:
         expr = opt_einsum.contract_expression(eq, *[o.shape for o in operands], optimize="optimal")
         naive = expr(*operands, backend="torch").reshape(tokens, -1)[:, :out_f] + tt.bias
         torch.testing.assert_close(naive, tt(x), rtol=1e-3, atol=1e-3)
-        # 16 alternating rounds: a fallback row runs the same GEMM as dense, so its ratio is pure noise
-        dense_ms, planned_ms = measure_interleaved([lambda: dense(x), lambda: tt(x)], rounds=16)
+        # 16 alternating rounds: a fallback row runs the same GEMM as dense, so its ratio is pure noise; each
+        # side settles for SETTLE_SECONDS before its timed calls (a fast layer runs slower in a slow one's wake)
+        dense_ms, planned_ms = measure_interleaved([lambda: dense(x), lambda: tt(x)], rounds=16,
+                                                   settle_seconds=SETTLE_SECONDS)
         # the reshape to (tokens, out) is part of a layer: opt_einsum may return a strided view
         naive_ms = ms(lambda: expr(*operands, backend="torch").reshape(tokens, -1), repeats=5)
     return {
@@ -139,7 +148,8 @@ def markdown(rows: list[dict], summary: dict) -> str:
         "implementations). `flop ratio` is dense FLOPs over the FLOPs of the planned execution (`chain` over "
         "those of the unfused chain); `plan` is what "
         "the planner chose (`dense` = factorizing does not pay at this size, so the reconstructed weight runs "
-        "as one GEMM).", "",
+        "as one GEMM). `dense` and `planned` are timed in 16 alternating rounds, each side running untimed "
+        f"for {SETTLE_SECONDS * 1e3:.0f} ms before its timed calls (docs/tensorized.md).", "",
         markdown_table(table, ["in", "out", "tokens", "rank", "shape", "dense", "planned", "naive_einsum",
                                "tltorch", "plan", "flop ratio", "chain", "dense/planned", "tltorch/planned"], ".2f"),
         "",

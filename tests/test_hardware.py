@@ -476,3 +476,25 @@ def test_predictor_is_robust_to_slow_outliers_and_can_choose_no_correction():
                                rtol=0.02)
     with pytest.raises(UserError, match="positive, finite"):
         fit_predictor(samples[:10], [0.0] * 10, analytic)
+
+
+def test_interleaved_timing_settles_each_side_before_timing_it():
+    from fitformer.hardware.timing import measure_interleaved, settle
+
+    calls = {"a": 0, "b": 0}
+
+    def fn(name):
+        def call():
+            calls[name] += 1
+        return call
+
+    assert settle(fn("a"), 0.0) == 0 and calls["a"] == 0
+    assert settle(fn("a"), 1e-9) == 1  # at least once when asked to settle
+    assert settle(fn("a"), 0.005) > 10 and calls["a"] > 11
+    calls.update(a=0, b=0)
+    measure_interleaved([fn("a"), fn("b")], rounds=2, repeats=3)
+    plain = dict(calls)
+    assert plain == {"a": 2 + 2 * 3, "b": 2 + 2 * 3}  # first-round warm-up, then the timed calls only
+    calls.update(a=0, b=0)
+    ms = measure_interleaved([fn("a"), fn("b")], rounds=2, repeats=3, settle_seconds=0.002)
+    assert all(calls[k] > plain[k] + 2 for k in calls) and all(t >= 0 for t in ms)

@@ -49,6 +49,13 @@ def random_cores(in_modes, out_modes, ranks, dtype=torch.float64, seed=0):
             for k, (i, o) in enumerate(zip(in_modes, out_modes, strict=True))]
 
 
+def every_execution(spec, tokens, training=False):
+    """The planner's candidates and, for every chain, its twin on the halves of the rows (the planner only
+    times twins of its fastest chains, so they are not candidates)."""
+    cands = MODEL_PLANNER.candidates(spec, tokens, training)
+    return cands + [dataclasses.replace(e, halves=True) for e in cands if e.kind == "chain"]
+
+
 def dense_of(cores, in_modes, out_modes):
     """Reference: contract all cores with one einsum, independent of the planner's code."""
     w = cores[0]
@@ -82,7 +89,7 @@ def test_every_execution_gives_the_same_output(shape, tokens):
     expected = x @ dense_of(cores, in_modes, out_modes)
     chosen = MODEL_PLANNER.plan(spec, tokens, torch.float64)
     for training in (False, True):
-        for exe in MODEL_PLANNER.candidates(spec, tokens, training) + [chosen]:
+        for exe in every_execution(spec, tokens, training) + [chosen]:
             y = run(exe, x, prepare(exe, spec, cores), spec)
             torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9, msg=exe.describe())
     # with a bias: inside the last GEMM (addmm, or folded in as rows when that GEMM writes several rows per
@@ -90,7 +97,7 @@ def test_every_execution_gives_the_same_output(shape, tokens):
     spec_b = dataclasses.replace(spec, bias=True)
     bias = torch.randn(spec.out_features, dtype=torch.float64)
     folds = set()
-    for exe in MODEL_PLANNER.candidates(spec_b, tokens, False):
+    for exe in every_execution(spec_b, tokens):
         folds.add(folded_bias_rows(exe, spec_b) > 0)
         for prepared_bias in (bias, None):  # prepared without it, the chain adds it after the GEMMs
             y = run(exe, x, prepare(exe, spec_b, cores, bias=prepared_bias), spec_b, bias=bias)
@@ -114,8 +121,8 @@ def test_param_and_flop_formulas_match_counted_values(shape, tokens):
         with FlopCounterMode(display=False) as counter:
             run(exe, x, operands, spec)
         assert counter.get_total_flops() == tt_flops(in_modes, out_modes, ranks, tokens, direction)
-    # every chain (fused groups, transposed and expanded steps) counts what it runs
-    for exe in MODEL_PLANNER.candidates(spec, tokens, False):
+    # every chain (fused groups, transposed and expanded steps, GEMMs on halves of the rows) counts what it runs
+    for exe in every_execution(spec, tokens):
         if exe.kind != "chain":
             continue
         operands = prepare(exe, spec, cores)
@@ -126,7 +133,7 @@ def test_param_and_flop_formulas_match_counted_values(shape, tokens):
     # a folded bias widens the last GEMM by its rows, and the ops count that
     spec_b = dataclasses.replace(spec, bias=True)
     bias = torch.randn(spec.out_features, dtype=torch.float64)
-    for exe in MODEL_PLANNER.candidates(spec_b, tokens, False):
+    for exe in every_execution(spec_b, tokens):
         if folded_bias_rows(exe, spec_b):
             operands = prepare(exe, spec_b, cores, bias=bias)
             with FlopCounterMode(display=False) as counter:
@@ -222,7 +229,7 @@ def test_gradcheck_all_executions(in_f, out_f, in_modes, out_modes, ranks):
     cores = [c.requires_grad_() for c in random_cores(in_modes, out_modes, ranks)]
     x = torch.randn(2, in_f, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(out_f, dtype=torch.float64, requires_grad=True)
-    candidates = MODEL_PLANNER.candidates(spec, 2, training=True)
+    candidates = every_execution(spec, 2, training=True)
     assert in_f != 15 or any("e" in exe.modes for exe in candidates)
     assert any(folded_bias_rows(exe, spec) for exe in candidates)
     for exe in candidates:
@@ -238,7 +245,7 @@ def test_forward_leaves_its_inputs_alone():
     x = torch.randn(3, 16, dtype=torch.float64)
     x0, b0 = x.clone(), tt.bias.detach().clone()
     with torch.no_grad():
-        for exe in MODEL_PLANNER.candidates(tt.spec, 3, training=False):
+        for exe in every_execution(tt.spec, 3):
             run(exe, x, prepare(exe, tt.spec, list(tt.cores), bias=tt.bias), tt.spec, bias=tt.bias)
             assert torch.equal(x, x0) and torch.equal(tt.bias, b0), exe.describe()
 
@@ -441,7 +448,7 @@ def test_a_cache_hit_runs_every_execution_as_planned_on_padded_layers():
     x = torch.randn(6, 22, dtype=torch.float64)
     with torch.no_grad():
         expected = F.linear(x, tt.weight, tt.bias)
-        for exe in MODEL_PLANNER.candidates(tt.spec, 6, False):
+        for exe in every_execution(tt.spec, 6):
             class Fixed(Planner):
                 def plan(self, spec, tokens, dtype=torch.float32, training=False, exe=exe):
                     return exe

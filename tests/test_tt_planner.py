@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from fitformer.compress import CompressionPlan, LowRankPlan, TTEmbeddingPlan, TTPlan, apply_plan, tt_plan_for_model
 from fitformer.errors import UserError
 from fitformer.layers import LowRankLinear, Planner, RooflineCost, TTEmbedding, TTLinear
-from fitformer.layers.planner import TTSpec, execution_ops, token_bucket
+from fitformer.layers.planner import TTSpec, execution_ops, token_bucket, unfused_chain
 from fitformer.models import load_classifier
 
 SPEC = TTSpec(48, 60, (4, 3, 4), (3, 4, 5), (1, 4, 4, 1))
@@ -125,3 +127,22 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     (y,) = session.run(None, {"ids": ids.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(y), net(ids), rtol=1e-4, atol=1e-5)
+
+
+class HalvesPlanner(Planner):
+    """Always the unfused chain on the halves of the rows (a plan the measuring planner may pick)."""
+
+    def plan(self, spec, tokens, dtype=torch.float32, training=False):
+        return replace(unfused_chain(spec), halves=True)
+
+
+def test_a_plan_on_halves_of_the_rows_runs_eager_and_compiled_at_any_row_count():
+    tt = TTLinear(24, 30, (2, 3, 4), (2, 3, 5), 3, planner=HalvesPlanner(measure=False)).eval()
+    compiled = torch.compile(tt, backend="eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for tokens in (7, 8):  # an odd row count runs as one GEMM
+            x = torch.randn(tokens, 24)
+            expected = x @ tt.weight.t() + tt.bias
+            torch.testing.assert_close(tt(x), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(tt(x), expected, rtol=1e-5, atol=1e-5)  # the cached runner
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)

@@ -72,19 +72,34 @@ def measure(
 
 
 def measure_interleaved(
-    fns: Sequence[Callable[[], object]], rounds: int = 8, repeats: int = 3, max_seconds: float = 2.0
+    fns: Sequence[Callable[[], object]], rounds: int = 8, repeats: int = 3, max_seconds: float = 2.0,
+    settle_seconds: float = 0.0,
 ) -> list[float]:
     """Median milliseconds of each of ``fns`` over ``rounds`` that alternate between them.
 
     Why: on a shared machine load comes and goes; timing A then B lets a burst land on one side only,
     while alternating short rounds spreads it over both, so the ratio of two results is trustworthy.
+    ``settle_seconds``: each round first calls the function untimed for that long (at least once), so its
+    timed calls are in its own steady state and not in the wake of the other function: right after a 30 ms
+    dense GEMM, successive calls of a 2,048-token TT layer took 3.1, 2.8, 2.3, 1.9, 1.8, then 1.7-1.8 ms,
+    a wake that costs the fast side a larger share of its time than the slow one.
     """
     chunks: list[list[float]] = [[] for _ in fns]
     for r in range(rounds):
         for i, fn in enumerate(fns):
+            settle(fn, settle_seconds)
             t = measure(fn, warmup=2 if r == 0 else 0, repeats=repeats, max_seconds=max_seconds)
             chunks[i].append(t.median_ms)
     return [statistics.median(c) for c in chunks]
+
+
+def settle(fn: Callable[[], object], seconds: float) -> int:
+    """Call ``fn`` untimed for ``seconds`` (at least once if positive); returns the number of calls."""
+    calls, end = 0, time.perf_counter() + seconds
+    while seconds > 0 and (calls == 0 or time.perf_counter() < end):
+        fn()
+        calls += 1
+    return calls
 
 
 def random_token_inputs(batch: int, seq_len: int, vocab: int, seed: int = 0,

@@ -22,7 +22,9 @@ Candidate executions (:class:`Execution`):
   to the state's columns and the bias, as ``R`` rows, to the core matrix adds it inside the GEMM (``K + R``
   instead of ``K``, two small copies). That saves a pass over a large output (at 2,048 tokens and 3,072
   outputs the add cost 1.2 of 4 ms) and costs more than it saves on small ones, so the planner times both.
-  After a ``g`` step the bias is added in the copy that transposes the result back.
+  After a ``g`` step the bias is added in the copy that transposes the result back. A chain with ``halves``
+  runs each GEMM on plain rows as one batched GEMM over the two halves of the rows, the matrix broadcast:
+  MKL runs some tall, narrow GEMMs on one thread, a batch of two on both (:func:`_halves_mm`).
 - ``einsum`` — a pairwise path found by ``opt_einsum`` (several optimizers; each path re-scored by the
   planner's cost function), each pair executed by opt_einsum on torch (``tensordot``: one GEMM per pair).
 - ``reconstruct`` — rebuild the dense weight from the cores every call and run one GEMM (training).
@@ -46,7 +48,7 @@ import os
 import statistics
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import opt_einsum
 import torch
@@ -108,11 +110,13 @@ class Execution:
     # "e" = one GEMM against the core expanded by the identity on the trailing modes ("" = all "b")
     modes: str = ""
     fold_bias: bool = False  # chain: the bias added inside the last GEMM (see the module docstring)
+    halves: bool = False  # chain: each GEMM on rows runs as one batched GEMM over the rows' two halves
 
     def describe(self) -> str:
         if self.kind == "chain":
             g = "|".join("".join(str(k) for k in grp) for grp in self.groups)
-            return f"chain[{self.direction}; {g}; {self.modes}{'; bias folded' if self.fold_bias else ''}]"
+            extras = "; bias folded" * self.fold_bias + "; halves" * self.halves
+            return f"chain[{self.direction}; {g}; {self.modes}{extras}]"
         if self.kind == "einsum":
             return f"einsum[{self.optimizer}]"
         return self.kind
@@ -211,7 +215,7 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def chain_runner(mats: Sequence[torch.Tensor], spec: TTSpec, direction: str, hook: Hook = _identity,
-                 modes: str = "", bias: torch.Tensor | None = None) -> Runner:
+                 modes: str = "", bias: torch.Tensor | None = None, halves: bool = False) -> Runner:
     """The GEMM chain as a function of ``x`` of shape ``(T, prod in_modes)`` returning ``(T, prod out_modes)``,
     with every choice that does not depend on ``x`` made here, once (a cached layer calls it at each
     inference: at 128 tokens the choices cost 5-8 of a 75 us call).
@@ -224,11 +228,14 @@ def chain_runner(mats: Sequence[torch.Tensor], spec: TTSpec, direction: str, hoo
     identity, appended to the state: the bias folded in (:func:`prepare`);
     otherwise ``bias`` (padded to ``prod out_modes``) is added inside the last GEMM where that writes one
     whole output row per token (``addmm``, as ``nn.Linear`` does; a separate add cost 10 of 92 us at 128
-    tokens), else to the result.
+    tokens), else to the result. With ``halves`` every GEMM on plain rows (``n == 1`` and ``e`` steps, the
+    last GEMM with the bias) runs as :func:`_halves_mm`, not while tracing: an exported graph keeps plain
+    GEMMs, whatever the row count. (``g`` and ``b`` steps are batched GEMMs already.)
     """
     steps = chain_steps(spec, direction)
     folded = len(mats) > len(steps)
     out = spec.out_padded
+    mm = _halves_mm if halves and not is_tracing() else _mm
     fns: list[Runner] = []
     tail: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None  # (state, tokens, out) -> output
     for step, (core, _, kk, n) in enumerate(steps):
@@ -236,15 +243,15 @@ def chain_runner(mats: Sequence[torch.Tensor], spec: TTSpec, direction: str, hoo
         mode = modes[step] if modes else "b"
         last = step == len(steps) - 1
         if last and bias is not None and not folded and last_gemm_rows(spec, direction, modes) == 1:
-            fns.append(functools.partial(_addmm, bias, kk * n, a if n > 1 else a.t()))
+            fns.append(functools.partial(_gemm, mm, kk * n, a if n > 1 else a.t(), bias))
             tail = _as_rows
         elif last and folded:  # [state | per-token identity] @ [matrix; bias rows]
-            fns.append(functools.partial(_folded, mats[-2], mats[-1], kk * n))
+            fns.append(functools.partial(_folded, mm, mats[-2], mats[-1], kk * n))
             tail = _as_rows
         elif n == 1:
-            fns.append(functools.partial(_gemm, kk, a.t()))
+            fns.append(functools.partial(_gemm, mm, kk, a.t(), None))
         elif mode == "e":
-            fns.append(functools.partial(_gemm, kk * n, a))
+            fns.append(functools.partial(_gemm, mm, kk * n, a, None))
         elif mode == "g":
             fns.append(functools.partial(_transposed_gemm, kk, n, a.t()))
         else:  # a broadcast matmul, not bmm(a.expand(...)): that one's backward materialises a copy of the
@@ -268,12 +275,32 @@ def chain_runner(mats: Sequence[torch.Tensor], spec: TTSpec, direction: str, hoo
     return call
 
 
-def _gemm(k: int, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return s.reshape(-1, k) @ a
+MatMul = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def _addmm(bias: torch.Tensor, k: int, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return torch.addmm(bias, s.reshape(-1, k), a)
+def _mm(a: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``rows @ a`` (plus ``bias``) as one GEMM."""
+    return rows @ a if bias is None else torch.addmm(bias, rows, a)
+
+
+def _halves_mm(a: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``rows @ a`` (plus ``bias``) as one batched GEMM over the two halves of ``rows``, ``a`` broadcast.
+
+    Why: MKL runs some tall, narrow GEMMs on one of the host's threads. On a 2-core host, ``(8192, 16) @
+    (16, 768)`` took 1.40 ms as one GEMM and 0.75 ms as two halves in one ``bmm``, which spreads the batch over
+    the threads; ``(8192, 8) @ (8, 384)`` gained nothing. So the planner times both (``Execution.halves``).
+    An odd row count runs as one GEMM."""
+    n = rows.shape[0]
+    if n % 2:
+        return _mm(a, rows, bias)
+    halves = rows.reshape(2, n // 2, rows.shape[1])
+    b = a.expand(2, *a.shape)  # the backward sums two copies of a's gradient: two, not one per row
+    out = torch.bmm(halves, b) if bias is None else torch.baddbmm(bias, halves, b)
+    return out.reshape(n, a.shape[1])
+
+
+def _gemm(mm: MatMul, k: int, a: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
+    return mm(a, s.reshape(-1, k), bias)
 
 
 def _transposed_gemm(k: int, n: int, at: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -284,13 +311,13 @@ def _broadcast_matmul(k: int, n: int, a: torch.Tensor, s: torch.Tensor) -> torch
     return torch.matmul(a, s.reshape(-1, k, n))
 
 
-def _folded(w: torch.Tensor, eye: torch.Tensor, k: int, s: torch.Tensor) -> torch.Tensor:
+def _folded(mm: MatMul, w: torch.Tensor, eye: torch.Tensor, k: int, s: torch.Tensor) -> torch.Tensor:
     rows = eye.shape[0]
     tokens = s.numel() // (rows * k)
     wide = s.new_empty(tokens, rows, k + rows)  # two copies into one buffer beat torch.cat
     wide[:, :, :k] = s.reshape(tokens, rows, k)
     wide[:, :, k:] = eye
-    return wide.reshape(-1, w.shape[0]) @ w
+    return mm(w, wide.reshape(-1, w.shape[0]), None)
 
 
 def _as_rows(s: torch.Tensor, tokens: int, out: int) -> torch.Tensor:
@@ -307,9 +334,10 @@ def _add_laid_out(bias: torch.Tensor, s: torch.Tensor, tokens: int, out: int) ->
 
 
 def run_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], spec: TTSpec, direction: str,
-              hook: Hook = _identity, modes: str = "", bias: torch.Tensor | None = None) -> torch.Tensor:
+              hook: Hook = _identity, modes: str = "", bias: torch.Tensor | None = None,
+              halves: bool = False) -> torch.Tensor:
     """The GEMM chain on ``x`` (see :func:`chain_runner`)."""
-    return chain_runner(mats, spec, direction, hook, modes, bias)(x)
+    return chain_runner(mats, spec, direction, hook, modes, bias, halves)(x)
 
 
 def _einsum_equation(d: int) -> str:
@@ -387,7 +415,7 @@ def runner(exe: Execution, spec: TTSpec, prepared: Sequence[torch.Tensor], hook:
     cut_out = spec.out_features if spec.out_padded > spec.out_features else 0
     if exe.kind == "chain":
         chain = chain_runner(prepared, spec.fused(exe.groups), exe.direction, hook, exe.modes,
-                             None if bias is None else _padded_bias(bias, spec))
+                             None if bias is None else _padded_bias(bias, spec), exe.halves)
         post = None
     else:
         if exe.kind == "reconstruct":
@@ -597,6 +625,9 @@ class Planner:
     ``cost`` maps a list of ops to seconds (default: :class:`RooflineCost`, calibrated on first use when
     measuring); ``measure`` times the ``top_k`` cheapest candidates, the cheapest of each kind (left-to-right
     chain, right-to-left chain, einsum path) and the dense reference on the host;
+    the two fastest chains are then timed again in twice the rounds beside their twins on the halves of the
+    rows (``Execution.halves``, kept only where faster than their chain by ``margin``), the fastest execution
+    and the reference, and the fastest of these wins;
     ``margin`` is how much faster a factorized execution must be to beat the reference; candidates estimated
     at more than ``explore`` times the reference's cost, or doing more FLOPs per call than the dense GEMM,
     are not timed.
@@ -608,6 +639,7 @@ class Planner:
     margin: float = 0.05
     explore: float = 2.0
     rounds: int = 3
+    min_seconds: float = 0.002  # per execution and round: a 0.1 ms call gets ~20 samples, not 3
     max_seconds: float = 0.5
     cache: dict[tuple, tuple[Execution, dict[str, float]]] = field(default_factory=dict)
 
@@ -684,6 +716,17 @@ class Planner:
         firsts = {(exe.kind, exe.direction if exe.kind == "chain" else ""): exe for exe in reversed(eligible)}
         factorized = list(dict.fromkeys([*eligible[: self.top_k], *firsts.values()]))
         times = self.time([reference, *factorized], spec, bucket, dtype, training)
+        # GEMMs on the halves of the rows (Execution.halves) do what a chain does in other kernels: the two
+        # fastest chains are timed again, in twice the rounds, beside their twins, the fastest execution and
+        # the reference; a twin replaces its chain only where it is faster by the margin (near ties are noise)
+        ranked = sorted(factorized, key=lambda e: times[e.describe()])
+        chains = [e for e in ranked if e.kind == "chain"][:2]
+        if chains:
+            twins = [replace(e, halves=True) for e in chains]
+            factorized = list(dict.fromkeys([ranked[0], *chains, *twins]))
+            times = {**times, **self.time([reference, *factorized], spec, bucket, dtype, training, 2 * self.rounds)}
+            factorized = [e for e in factorized if not e.halves or
+                          times[e.describe()] < (1 - self.margin) * times[replace(e, halves=False).describe()]]
         best = min(factorized, key=lambda e: times[e.describe()], default=reference)
         if times[best.describe()] > (1 - self.margin) * times[reference.describe()]:
             best = reference
@@ -712,7 +755,7 @@ class Planner:
         return self.cache.get((spec, token_bucket(tokens), dtype, training), (None, {}))[1]
 
     def time(self, executions: Sequence[Execution], spec: TTSpec, tokens: int, dtype: torch.dtype,
-             training: bool) -> dict[str, float]:
+             training: bool, rounds: int | None = None) -> dict[str, float]:
         """Milliseconds of each execution on random data of this shape (forward + backward when training).
 
         The executions are timed in interleaved rounds, so a burst of load from other processes cannot
@@ -722,7 +765,7 @@ class Planner:
         that ran 1.55x slower than the dense GEMM it replaced).
         """
         fns = {exe.describe(): _timed_call(exe, spec, tokens, dtype, training) for exe in executions}
-        return self._interleaved(fns, self.rounds)
+        return self._interleaved(fns, rounds or self.rounds)
 
     def fastest(self, specs: Sequence[TTSpec], tokens: int, dtype: torch.dtype = torch.float32,
                 training: bool = False) -> int:
@@ -742,7 +785,7 @@ class Planner:
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(rounds):
             for name, fn in fns.items():
-                samples[name].append(time_fn(fn, warmup=1 if r == 0 else 0, repeats=3,
+                samples[name].append(time_fn(fn, warmup=1 if r == 0 else 0, repeats=3, min_seconds=self.min_seconds,
                                              max_seconds=self.max_seconds).median_ms)
         return {name: statistics.median(times) for name, times in samples.items()}
 
