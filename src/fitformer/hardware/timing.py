@@ -81,7 +81,7 @@ def measure_interleaved(
     while alternating short rounds spreads it over both, so the ratio of two results is trustworthy.
     ``settle_seconds``: each round first calls the function untimed for that long (at least once), so its
     timed calls are in its own steady state and not in the wake of the other function: right after a 30 ms
-    dense GEMM, successive calls of a 2,048-token TT layer took 3.1, 2.8, 2.3, 1.9, 1.8, then 1.7-1.8 ms,
+    dense GEMM, successive calls of a 2,048-token TT layer took 3.1, 2.8, 2.3, 1.9, 1.8, then 1.7-1.9 ms,
     a wake that costs the fast side a larger share of its time than the slow one.
     """
     chunks: list[list[float]] = [[] for _ in fns]
