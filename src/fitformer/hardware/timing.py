@@ -73,7 +73,7 @@ def measure(
 
 def measure_interleaved(
     fns: Sequence[Callable[[], object]], rounds: int = 8, repeats: int = 3, max_seconds: float = 2.0,
-    settle_seconds: float = 0.0,
+    settle_seconds: float = 0.0, min_seconds: float = 0.0, warmup: int = 2,
 ) -> list[float]:
     """Median milliseconds of each of ``fns`` over ``rounds`` that alternate between them.
 
@@ -82,13 +82,16 @@ def measure_interleaved(
     ``settle_seconds``: each round first calls the function untimed for that long (at least once), so its
     timed calls are in its own steady state and not in the wake of the other function: right after a 30 ms
     dense GEMM, successive calls of a 2,048-token TT layer took 3.1, 2.8, 2.3, 1.9, 1.8, then 1.7-1.9 ms,
-    a wake that costs the fast side a larger share of its time than the slow one.
+    a wake that costs the fast side a larger share of its time than the slow one. ``warmup`` untimed calls
+    precede the first round; ``repeats``, ``min_seconds`` and ``max_seconds`` bound each round's timed calls
+    (see :func:`measure`).
     """
     chunks: list[list[float]] = [[] for _ in fns]
     for r in range(rounds):
         for i, fn in enumerate(fns):
             settle(fn, settle_seconds)
-            t = measure(fn, warmup=2 if r == 0 else 0, repeats=repeats, max_seconds=max_seconds)
+            t = measure(fn, warmup=warmup if r == 0 else 0, repeats=repeats, min_seconds=min_seconds,
+                        max_seconds=max_seconds)
             chunks[i].append(t.median_ms)
     return [statistics.median(c) for c in chunks]
 

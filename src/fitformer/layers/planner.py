@@ -45,7 +45,6 @@ import functools
 import itertools
 import math
 import os
-import statistics
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -55,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hardware.timing import measure as time_fn
+from ..hardware.timing import measure_interleaved
 from .tensorize import Op, chain_ops, copy_op, core_prep_ops, merge_ops, mm_op, prod
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
@@ -782,12 +782,9 @@ class Planner:
         return min(range(len(specs)), key=lambda i: times[str(i)])
 
     def _interleaved(self, fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-        samples: dict[str, list[float]] = {name: [] for name in fns}
-        for r in range(rounds):
-            for name, fn in fns.items():
-                samples[name].append(time_fn(fn, warmup=1 if r == 0 else 0, repeats=3, min_seconds=self.min_seconds,
-                                             max_seconds=self.max_seconds).median_ms)
-        return {name: statistics.median(times) for name, times in samples.items()}
+        times = measure_interleaved(list(fns.values()), rounds=rounds, repeats=3, max_seconds=self.max_seconds,
+                                    min_seconds=self.min_seconds, warmup=1)
+        return dict(zip(fns, times, strict=True))
 
 
 def _timed_call(exe: Execution, spec: TTSpec, tokens: int, dtype: torch.dtype,
