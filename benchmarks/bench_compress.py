@@ -17,10 +17,16 @@ onnxruntime on integer kernels, float ones in PyTorch; ``size_bytes`` is the wei
 models timed in one interleaved loop at the end (so their ratios are not skewed by drift); ``edp`` maps catalog
 devices to the modelled EDP (mJ*s, batch 1, 128 tokens). When a run finds no candidate that meets its
 accuracy limit, the most accurate candidate is reported with ``"meets_constraints": false``.
+
+The thorough preset takes 4-5 hours for the three runs on a 2-core host. Where that cannot be had in one
+sitting, ``--runs speed``, ``--runs size`` and ``--runs energy`` write one file each (``compress-speed.json``,
+...), and ``--combine`` then writes ``compress.json`` from them, each target checked against the teacher
+timed in its own run.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, parser, write_results  # noqa: E402
+from common import RESULTS, markdown_table, parser, write_results  # noqa: E402
 
 from fitformer.config import build_config  # noqa: E402
 from fitformer.errors import InfeasibleError  # noqa: E402
@@ -133,8 +139,11 @@ def check(name: str, teacher: dict[str, Any], chosen: dict[str, Any], uniform: d
 
 
 def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
-    rows = [{"model": "teacher", **result["teacher"]}]
+    by_run = result.get("teacher_by_run")  # a combined result: each run timed its own teacher
+    rows = [] if by_run else [{"model": "teacher", **result["teacher"]}]
     for name in result["chosen"]:
+        if by_run:
+            rows.append({"model": f"{name}: teacher", **by_run[name]})
         if result["uniform_baseline"][name] is None:
             continue
         rows.append({"model": f"{name}: chosen", **result["chosen"][name]})
@@ -150,12 +159,14 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
     missing = "".join(f"\n- {n}: {t['reason']}" for n, t in result["targets"].items() if "reason" in t)
     missing = f"\nRuns with no candidate to distil:{missing}\n" if missing else ""
     subset = "" if set(result["chosen"]) == set(RUNS) else " --runs " + " ".join(result["chosen"])
+    loop = ("each run's models timed with its own teacher in one interleaved loop (the runs were made "
+            "separately and combined with `--combine`)" if by_run else "all models timed in one interleaved loop")
     return f"""## Compress end to end (`benchmarks/bench_compress.py{subset}`)
 
 `fitformer compress` on MiniLM-L6 / rotten-tomatoes, runs: {", ".join(result["chosen"])}; settings
 {settings}. Every model measured as it ships (quantized: packed weights, onnxruntime integer kernels);
-test accuracy on 1,280 held-out reviews; host latency at 128 tokens, all models timed in one interleaved
-loop; size = weights file on disk; EDP modelled on the catalog's Raspberry Pi 4 (mJ*s, batch 1). The uniform
+test accuracy on 1,280 held-out reviews; host latency at 128 tokens, {loop};
+size = weights file on disk; EDP modelled on the catalog's Raspberry Pi 4 (mJ*s, batch 1). The uniform
 baseline is HEAT's heuristic (one TT rank and bit width everywhere, the chosen model's word embedding) at the
 chosen model's size, trained with the same budget.
 
@@ -165,6 +176,32 @@ Headline targets (gain over the teacher: batch-32 latency, file size, modelled e
 
 {targets}
 {missing}"""
+
+
+def combine(quick: bool) -> dict[str, Any]:
+    """The three-run result from the single-run files that ``--runs speed``, ``--runs size`` and ``--runs energy``
+    wrote, when the runs could not be made in one sitting (about 1.5-2 hours each with the thorough preset).
+    Each target is checked against the teacher timed in the same run, since latencies measured hours apart
+    are not comparable; ``teacher`` is the speed run's, ``teacher_by_run`` has each run's."""
+    parts = {}
+    for name in RUNS:
+        path = RESULTS / (f"compress-{name}.quick.json" if quick else f"compress-{name}.json")
+        if not path.exists():
+            raise SystemExit(f"--combine needs {path.name}: run `python benchmarks/bench_compress.py --runs {name}"
+                             f"{' --quick' if quick else ''}` first")
+        parts[name] = read_json(path)
+    # the same kind of machine (cores, threads, torch); a fresh VM of that kind may run another kernel build
+    machines = {json.dumps({k: v for k, v in p["machine"].items() if k != "platform"}, sort_keys=True)
+                for p in parts.values()}
+    if len(machines) > 1:
+        raise SystemExit("--combine needs the three runs from one kind of machine; "
+                         f"theirs differ: {', '.join(sorted(machines))}")
+    return {"teacher": parts["speed"]["teacher"],
+            "teacher_by_run": {n: p["teacher"] for n, p in parts.items()},
+            "chosen": {n: p["chosen"][n] for n, p in parts.items()},
+            "uniform_baseline": {n: p["uniform_baseline"][n] for n, p in parts.items()},
+            "settings": {n: p["settings"] for n, p in parts.items()},
+            "targets": {n: p["targets"][n] for n, p in parts.items()}}
 
 
 def main() -> None:
@@ -191,7 +228,13 @@ def main() -> None:
                    "--minutes is split between them.")
     p.add_argument("--search-budget", type=int, default=None, help="Plans each search evaluates (default: "
                    "preset).")
+    p.add_argument("--combine", action="store_true", help="Write compress.json from the three single-run files "
+                   "(compress-speed.json, compress-size.json, compress-energy.json) instead of running anything.")
     args = p.parse_args()
+    if args.combine:
+        out = combine(args.quick)
+        write_results("compress", out, markdown(out, out["settings"]), quick=args.quick)
+        return
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {"teacher_epochs": 3, "threads": args.threads}
     if args.quick:

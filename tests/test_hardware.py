@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -498,3 +499,26 @@ def test_interleaved_timing_settles_each_side_before_timing_it():
     calls.update(a=0, b=0)
     ms = measure_interleaved([fn("a"), fn("b")], rounds=2, repeats=3, settle_seconds=0.002)
     assert all(calls[k] > plain[k] + 2 for k in calls) and all(t >= 0 for t in ms)
+
+
+def test_settling_stops_at_its_call_cap_and_shuffled_rounds_keep_each_result_with_its_function():
+    from fitformer.hardware.timing import measure_interleaved, settle
+
+    log: list[int] = []
+
+    def fn(i: int, seconds: float = 0.0):
+        def call():
+            log.append(i)
+            if seconds:
+                time.sleep(seconds)
+        return call
+
+    assert settle(fn(0), 10.0, max_calls=3) == 3  # the cap ends it long before the seconds run out
+    log.clear()
+    rounds, n = 6, 4
+    ms = measure_interleaved([fn(i, 0.002 * (i == 2)) for i in range(n)], rounds=rounds, repeats=1, warmup=0,
+                             shuffle=True)
+    orders = [tuple(log[r * n:(r + 1) * n]) for r in range(rounds)]
+    assert orders[0] == tuple(range(n)) and len(set(orders)) > 1  # the first round in order, then reshuffled
+    assert all(sorted(o) == list(range(n)) for o in orders)  # every function once per round
+    assert max(range(n), key=ms.__getitem__) == 2  # the sleeping function's median stays its own

@@ -5,6 +5,7 @@ The one way fitformer times anything on the host; the profiler and every benchma
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -73,7 +74,8 @@ def measure(
 
 def measure_interleaved(
     fns: Sequence[Callable[[], object]], rounds: int = 8, repeats: int = 3, max_seconds: float = 2.0,
-    settle_seconds: float = 0.0, min_seconds: float = 0.0, warmup: int = 2,
+    settle_seconds: float = 0.0, min_seconds: float = 0.0, warmup: int = 2, settle_calls: int | None = None,
+    shuffle: bool = False,
 ) -> list[float]:
     """Median milliseconds of each of ``fns`` over ``rounds`` that alternate between them.
 
@@ -82,24 +84,32 @@ def measure_interleaved(
     ``settle_seconds``: each round first calls the function untimed for that long (at least once), so its
     timed calls are in its own steady state and not in the wake of the other function: right after a 30 ms
     dense GEMM, successive calls of a 2,048-token TT layer took 3.1, 2.8, 2.3, 1.9, 1.8, then 1.7-1.9 ms,
-    a wake that costs the fast side a larger share of its time than the slow one. ``warmup`` untimed calls
+    a wake that costs the fast side a larger share of its time than the slow one; ``settle_calls`` caps the
+    untimed calls. ``shuffle``: every round after the first runs the functions in a new (seeded) order, so the
+    wake of a slow function does not always land on the same neighbour. ``warmup`` untimed calls
     precede the first round; ``repeats``, ``min_seconds`` and ``max_seconds`` bound each round's timed calls
     (see :func:`measure`).
     """
     chunks: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    rng = random.Random(0)
     for r in range(rounds):
-        for i, fn in enumerate(fns):
-            settle(fn, settle_seconds)
+        if shuffle and r:
+            rng.shuffle(order)
+        for i in order:
+            fn = fns[i]
+            settle(fn, settle_seconds, settle_calls)
             t = measure(fn, warmup=warmup if r == 0 else 0, repeats=repeats, min_seconds=min_seconds,
                         max_seconds=max_seconds)
             chunks[i].append(t.median_ms)
     return [statistics.median(c) for c in chunks]
 
 
-def settle(fn: Callable[[], object], seconds: float) -> int:
-    """Call ``fn`` untimed for ``seconds`` (at least once if positive); returns the number of calls."""
+def settle(fn: Callable[[], object], seconds: float, max_calls: int | None = None) -> int:
+    """Call ``fn`` untimed for ``seconds`` (at least once if positive, at most ``max_calls`` times); returns the
+    number of calls."""
     calls, end = 0, time.perf_counter() + seconds
-    while seconds > 0 and (calls == 0 or time.perf_counter() < end):
+    while seconds > 0 and (calls == 0 or time.perf_counter() < end) and (max_calls is None or calls < max_calls):
         fn()
         calls += 1
     return calls
