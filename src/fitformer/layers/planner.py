@@ -106,7 +106,7 @@ class Execution:
     direction: str = "rtl"
     path: tuple[tuple[int, int], ...] = ()
     optimizer: str = ""
-    # chain: per step in execution order, "b" = shared-operand BMM, "g" = transpose + one GEMM,
+    # chain: per step in execution order, "b" = shared-operand BMM, "g" = matmul on the transposed state,
     # "e" = one GEMM against the core expanded by the identity on the trailing modes ("" = all "b")
     modes: str = ""
     fold_bias: bool = False  # chain: the bias added inside the last GEMM (see the module docstring)
@@ -221,9 +221,11 @@ def chain_runner(mats: Sequence[torch.Tensor], spec: TTSpec, direction: str, hoo
     inference: at 128 tokens the choices cost 5-8 of a 75 us call).
 
     A step with ``n > 1`` runs as a batched matmul whose left operand (the core matrix) is broadcast across
-    the batch (mode ``"b"``, no copy of the activations), as one large GEMM on the transposed state (mode
-    ``"g"``: two copies, but no tiny matrices when ``n`` is small), or as one GEMM on the state as it lies
-    against the expanded core that :func:`prepare` built (mode ``"e"``: ``n`` times the FLOPs, no copies).
+    the batch (mode ``"b"``, no copy of the activations), as ``torch.matmul`` of the transposed state against
+    the transposed core (mode ``"g"``: modelled as two copies around one large GEMM, run by torch as a batched
+    GEMM on the strided view, which measured faster than the copy and one GEMM), or as one GEMM on the state
+    as it lies against the expanded core that :func:`prepare` built (mode ``"e"``: ``n`` times the FLOPs, no
+    copies).
     With two more matrices than cores, the last step runs on the first of them with the second, the
     identity, appended to the state: the bias folded in (:func:`prepare`);
     otherwise ``bias`` (padded to ``prod out_modes``) is added inside the last GEMM where that writes one
