@@ -180,7 +180,8 @@ Headline targets (gain over the teacher: batch-32 latency, file size, modelled e
 
 def combine(quick: bool) -> dict[str, Any]:
     """The three-run result from the single-run files that ``--runs speed``, ``--runs size`` and ``--runs energy``
-    wrote, when the runs could not be made in one sitting (about 1.5-2 hours each with the thorough preset).
+    wrote, when the runs could not be made in one sitting (the thorough speed run alone took 79 minutes,
+    19 of them fine-tuning the teacher).
     Each target is checked against the teacher timed in the same run, since latencies measured hours apart
     are not comparable; ``teacher`` is the speed run's, ``teacher_by_run`` has each run's."""
     parts = {}

@@ -97,9 +97,8 @@ def measure_interleaved(
         if shuffle and r:
             rng.shuffle(order)
         for i in order:
-            fn = fns[i]
-            settle(fn, settle_seconds, settle_calls)
-            t = measure(fn, warmup=warmup if r == 0 else 0, repeats=repeats, min_seconds=min_seconds,
+            settle(fns[i], settle_seconds, settle_calls)
+            t = measure(fns[i], warmup=warmup if r == 0 else 0, repeats=repeats, min_seconds=min_seconds,
                         max_seconds=max_seconds)
             chunks[i].append(t.median_ms)
     return [statistics.median(c) for c in chunks]
