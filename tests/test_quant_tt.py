@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import onnx
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,6 +19,7 @@ from fitformer.export.onnx_quant import compare_with_torch, export_quantized_onn
 from fitformer.export.quantized import load_quantized, save_quantized
 from fitformer.layers.planner import Planner, unfused_chain
 from fitformer.layers.quant import (
+    QuantLinear,
     QuantTTEmbedding,
     QuantTTLinear,
     core_channel_axis,
@@ -187,3 +189,30 @@ def test_tt_with_float_intermediates_runs_the_planned_execution_and_round_trips(
     export_quantized_onnx(frozen, tmp_path / "tt.onnx")
     gap = compare_with_torch(frozen, ort_session(tmp_path / "tt.onnx", threads=1), [_batch(s) for s in range(3)])
     assert gap["max_abs_diff"] <= 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["integer", "qdq"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_low_rank_tt_exports_its_first_gemm_on_integer_codes(tmp_path, fmt, symmetric):
+    """A quantized 2-core TT of modes ``(in, 1) x (1, out)`` (the searched low rank) is two GEMMs: the export
+    runs the first on the integer codes of its first core, with no float quantization arithmetic left."""
+    torch.manual_seed(0)
+    plan = CompressionPlan(layers={
+        "*.intermediate.dense": [TTPlan((32, 1), (1, 64), max_rank=4, num_cores=2)],
+        "bert.encoder.layer.?.output.dense": [TTPlan((64, 1), (1, 32), max_rank=4, num_cores=2)],
+    })
+    model = apply_plan(BertForSequenceClassification(tiny_bert_config()).eval(), plan)
+    spec = {"TTLinear": QuantPlan(4, 8, symmetric=symmetric, intermediates=False), "Linear": QuantPlan(8, 8)}
+    q = quantize(model, spec)
+    calibrate(q, [_batch(1), _batch(2)])
+    frozen = freeze(q)
+    info = export_quantized_onnx(frozen, tmp_path / "lr.onnx", fmt)
+    nodes = [n.op_type for n in onnx.load(str(tmp_path / "lr.onnx")).graph.node]
+    low_rank = sum(isinstance(m, QuantTTLinear) for m in frozen.modules())
+    assert low_rank == 2 * frozen.config.num_hidden_layers
+    assert info["layers"] == low_rank + sum(isinstance(m, QuantLinear) for m in frozen.modules())
+    assert "Round" not in nodes
+    if fmt == "integer":
+        assert nodes.count("MatMulIntegerToFloat") == info["layers"]
+    gap = compare_with_torch(frozen, ort_session(tmp_path / "lr.onnx", threads=1), [_batch(s) for s in range(3)])
+    assert gap["max_abs_diff"] <= 1e-2 and gap["prediction_agreement"] == 1.0

@@ -12,6 +12,9 @@ the graph is then rewritten so each quantized layer runs on its integer codes wi
   weight around a float ``MatMul`` — standard ONNX, which onnxruntime's graph optimiser may turn into
   integer kernels itself.
 - embeddings gather int8 rows and dequantize only those rows.
+- a low-rank TT layer (2 cores, modes ``(in, 1) x (1, out)``, float intermediates) becomes a quantized
+  linear on its first core's codes followed by a float linear on its dequantized second core; other TT
+  layers export through their own forward.
 
 Quantized layers are found in the float graph by the exact bytes of their dequantized weight (as it is or
 transposed), so the rewrite does not depend on the exporter's names.
@@ -43,7 +46,7 @@ from torch import nn
 from ..data.tokenize import EncodedDataset
 from ..errors import UserError
 from ..io import atomic_path
-from ..layers.quant import QuantEmbedding, QuantLinear, QuantModule, _QuantTT
+from ..layers.quant import QuantEmbedding, QuantLinear, QuantModule, QuantTTLinear, _QuantTT
 from ..models.hf import eager_attention
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -98,6 +101,15 @@ def dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, 
             continue
         if not m.frozen:
             raise UserError("ONNX export needs a frozen model; call freeze(model) first")
+        if _is_low_rank(m):  # its first GEMM becomes an integer one; its second stays a float GEMM
+            m, second = _low_rank_pair(m)
+            first = nn.Linear(m.in_features, m.out_features, bias=False)
+            first.weight.copy_(m.quantized_weight())
+            table[_digest(first.weight.numpy().T)] = (name, m, True)
+            table[_digest(first.weight.numpy())] = (name, m, False)
+            parent, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, child, nn.Sequential(first, second))
+            continue
         if isinstance(m, _QuantTT):
             continue  # exported by its own forward: dequantized cores, intermediates as float QDQ arithmetic
         w = m.quantized_weight().detach().float()
@@ -115,6 +127,34 @@ def dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, 
         parent, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, child, plain)
     return out, table
+
+
+def _is_low_rank(m: nn.Module) -> bool:
+    """A quantized 2-core TT with modes ``(in, 1) x (1, out)`` and float intermediates: two plain GEMMs."""
+    return (isinstance(m, QuantTTLinear) and m.intermediate_quant is None and m.input_quant is not None
+            and tuple(m.in_modes) == (m.in_features, 1) and tuple(m.out_modes) == (1, m.out_features))
+
+
+@torch.no_grad()
+def _low_rank_pair(m: QuantTTLinear) -> tuple[QuantLinear, nn.Linear]:
+    """The frozen low-rank layer as ``QuantLinear(in -> rank)`` on the first core's integer codes (one step
+    size per bond channel is one per output row) followed by a float ``Linear(rank -> out)`` holding the
+    dequantized second core and the bias: the same arithmetic, so the first GEMM can run on integers
+    (the second core's step sizes are per input channel, which an integer GEMM's epilogue cannot apply)."""
+    rank = m.ranks[1]
+    first = QuantLinear(nn.Linear(m.in_features, rank, bias=False), act_bits=None)
+    wq = copy.deepcopy(m.core_quant[0])
+    wq.scale = nn.Parameter(wq.scale.detach().reshape(-1, 1), requires_grad=False)
+    if wq.zero_point is not None:
+        wq.zero_point = nn.Parameter(wq.zero_point.detach().reshape(-1, 1), requires_grad=False)
+    first.weight_quant, first.input_quant = wq, copy.deepcopy(m.input_quant)
+    del first.weight
+    first.register_buffer("weight_int", m.core_int_0.reshape(m.in_features, rank).T.contiguous())
+    second = nn.Linear(rank, m.out_features, bias=m.bias is not None)
+    second.weight.copy_(m.cores[1].detach().reshape(rank, m.out_features).T)
+    if m.bias is not None:
+        second.bias.copy_(m.bias)
+    return first, second
 
 
 class _Rewriter:
