@@ -1,12 +1,12 @@
-"""ONNX export of a quantized candidate: low-rank layers on integer GEMMs against the same layers in float.
+"""ONNX export of a quantized candidate: low-rank layers with their first GEMM on integer codes, against float.
 
-A searched size plan factorises most linears as the 2-core low rank ``(in, 1) x (1, out)`` with 8-bit inputs
-and 4- or 8-bit cores. Exported through the layer's own forward, such a layer runs two float GEMMs on the
-dequantized cores behind a quantize-dequantize of its input written as float arithmetic (Div, Round, Clip,
-Sub, Mul over every activation). The exporter now runs its first GEMM on the first core's integer codes
-(``MatMulIntegerToFloat``) and its second as a float GEMM. This benchmark exports one saved candidate both ways
-(the float way by switching the low-rank rewrite off), tests both on the run's test split and times them side
-by side at batch 1 and 32, 128 tokens, in one interleaved loop.
+A searched size plan factorises most linears as the 2-core low rank ``(in, 1) x (1, out)`` with 8-bit inputs,
+4- or 8-bit cores and float intermediates. Exported through the layer's own forward, such a layer runs both
+GEMMs in float on the dequantized cores, behind a quantize-dequantize of its input written as float arithmetic
+(Div, Round, Clip, Sub, Mul over every activation). The exporter now runs its first GEMM on the first core's
+integer codes (``MatMulIntegerToFloat``) and its second in float. This benchmark exports one saved candidate
+both ways (the float way by switching that rewrite off), tests both on the run's test split and times them
+side by side at batch 1 and 32, 128 tokens, in one interleaved loop.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def main() -> None:
     config = RunConfig(**read_json(args.run / "manifest.json")["config"])
     test = Pipeline(config).teacher.encoded("test")
     model = freeze(load(cand).model).eval()
-    low_rank = sum(onnx_quant._is_low_rank(m) for m in model.modules())
+    chains = sum(onnx_quant._first_core_on_integers(m) for m in model.modules())
     sessions: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        with mock.patch.object(onnx_quant, "_is_low_rank", lambda m: False):
+        with mock.patch.object(onnx_quant, "_first_core_on_integers", lambda m: False):
             onnx_quant.export_quantized_onnx(model, Path(tmp) / "float.onnx")
         onnx_quant.export_quantized_onnx(model, Path(tmp) / "integer.onnx")
         for name in ("float", "integer"):
@@ -81,19 +81,20 @@ def main() -> None:
             for name in sessions]
     agree = float((predictions["float"] == predictions["integer"]).float().mean())
     speedup = {f"b{b}": rows[0][f"latency_ms_b{b}"] / rows[1][f"latency_ms_b{b}"] for b in feeds}
-    payload = {"candidate": str(cand), "low_rank_layers": low_rank, "rows": rows, "prediction_agreement": agree,
+    payload = {"candidate": str(cand), "low_rank_layers": chains, "rows": rows, "prediction_agreement": agree,
                "speedup": speedup, "repeats": repeats}
     md = f"""## ONNX export of low-rank layers (`benchmarks/bench_export.py`)
 
-The candidate `{cand}` ({low_rank} of its linears are the 2-core low rank), frozen and exported to ONNX twice:
-its low-rank layers run in float (quantize-dequantize of the input as float arithmetic, two float GEMMs on the
-dequantized cores), or with the first GEMM on the first core's integer codes (`MatMulIntegerToFloat`) and
-the second in float. Test accuracy on the run's test split; medians of {repeats - 2} timed runs at 128 tokens,
-both models in one interleaved loop on onnxruntime with {args.threads} threads.
+The candidate `{cand}` frozen and exported to ONNX twice. In one, its {chains} low-rank TT layers
+`(in, 1) x (1, out)` run in float (quantize-dequantize of the input as float arithmetic, two float GEMMs on
+the dequantized cores). In the other, the first GEMM runs on the first core's integer codes
+(`MatMulIntegerToFloat`) and the second in float. Test accuracy is on the run's test split. Latencies are
+medians of {repeats - 2} timed runs at 128 tokens, both models in one interleaved loop on onnxruntime with
+{args.threads} threads.
 
 {markdown_table(rows, ["low-rank layers", "test_accuracy", "latency_ms_b1", "latency_ms_b32", "onnx_mb"])}
 
-Integer low-rank GEMMs: **{speedup['b1']:.2f}x faster at batch 1, {speedup['b32']:.2f}x at batch 32**; the two
+First GEMM on integers: **{speedup['b1']:.2f}x faster at batch 1, {speedup['b32']:.2f}x at batch 32**; the two
 exports agree on {agree:.2%} of the test predictions.
 """
     write_results("export", payload, md, quick=args.quick)

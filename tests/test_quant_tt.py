@@ -191,28 +191,39 @@ def test_tt_with_float_intermediates_runs_the_planned_execution_and_round_trips(
     assert gap["max_abs_diff"] <= 1e-2
 
 
+LOW_RANK = {"*.intermediate.dense": TTPlan((32, 1), (1, 64), max_rank=4, num_cores=2),
+            "bert.encoder.layer.?.output.dense": TTPlan((64, 1), (1, 32), max_rank=4, num_cores=2)}
+LOPSIDED = {"*.intermediate.dense": TTPlan((8, 2, 2), (2, 2, 16), max_rank=4, num_cores=3),
+            "bert.encoder.layer.?.output.dense": TTPlan((16, 2, 2), (2, 2, 8), max_rank=4, num_cores=3)}
+
+
 @pytest.mark.parametrize("fmt", ["integer", "qdq"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_low_rank_tt_exports_its_first_gemm_on_integer_codes(tmp_path, fmt, symmetric):
-    """A quantized 2-core TT of modes ``(in, 1) x (1, out)`` (the searched low rank) is two GEMMs: the export
-    runs the first on the integer codes of its first core, with no float quantization arithmetic left."""
+@pytest.mark.parametrize("shapes", [LOW_RANK, LOPSIDED], ids=["low_rank", "lopsided"])
+def test_low_rank_tt_exports_its_first_gemm_on_integer_codes(tmp_path, fmt, symmetric, shapes):
+    """A quantized low-rank TT ``(in, 1) x (1, out)`` with float intermediates (what the size search picks for
+    most linears) exports its first GEMM on the first core's integer codes and the input's, its second in
+    float, with no float quantization arithmetic and no copies left; a lopsided 3-core TT, whose first core
+    would need the input transposed, keeps its own forward. Both match PyTorch."""
     torch.manual_seed(0)
-    plan = CompressionPlan(layers={
-        "*.intermediate.dense": [TTPlan((32, 1), (1, 64), max_rank=4, num_cores=2)],
-        "bert.encoder.layer.?.output.dense": [TTPlan((64, 1), (1, 32), max_rank=4, num_cores=2)],
-    })
+    plan = CompressionPlan(layers={k: [v] for k, v in shapes.items()})
     model = apply_plan(BertForSequenceClassification(tiny_bert_config()).eval(), plan)
     spec = {"TTLinear": QuantPlan(4, 8, symmetric=symmetric, intermediates=False), "Linear": QuantPlan(8, 8)}
     q = quantize(model, spec)
     calibrate(q, [_batch(1), _batch(2)])
     frozen = freeze(q)
-    info = export_quantized_onnx(frozen, tmp_path / "lr.onnx", fmt)
-    nodes = [n.op_type for n in onnx.load(str(tmp_path / "lr.onnx")).graph.node]
-    low_rank = sum(isinstance(m, QuantTTLinear) for m in frozen.modules())
-    assert low_rank == 2 * frozen.config.num_hidden_layers
-    assert info["layers"] == low_rank + sum(isinstance(m, QuantLinear) for m in frozen.modules())
-    assert "Round" not in nodes
+    info = export_quantized_onnx(frozen, tmp_path / "tt.onnx", fmt)
+    graph = onnx.load(str(tmp_path / "tt.onnx")).graph
+    nodes = [n.op_type for n in graph.node]
+    tt = sum(isinstance(m, QuantTTLinear) for m in frozen.modules())
+    linears = sum(isinstance(m, QuantLinear) for m in frozen.modules())
+    assert tt == 2 * frozen.config.num_hidden_layers
+    low_rank = shapes is LOW_RANK
+    assert info["layers"] == linears + tt * low_rank
+    assert ("Round" in nodes) != low_rank  # the TT input's quantization in float arithmetic, or none
     if fmt == "integer":
         assert nodes.count("MatMulIntegerToFloat") == info["layers"]
-    gap = compare_with_torch(frozen, ort_session(tmp_path / "lr.onnx", threads=1), [_batch(s) for s in range(3)])
+    tt_ops = {n.op_type for n in graph.node if "intermediate" in n.name or "output/dense" in n.name}
+    assert ("Transpose" in tt_ops) != low_rank
+    gap = compare_with_torch(frozen, ort_session(tmp_path / "tt.onnx", threads=1), [_batch(s) for s in range(3)])
     assert gap["max_abs_diff"] <= 1e-2 and gap["prediction_agreement"] == 1.0
