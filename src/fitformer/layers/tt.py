@@ -353,7 +353,9 @@ class TTEmbedding(_TTBase):
         pieces = []  # (N, r_{k-1}, h_k, r_k): each core's slices selected by the ids' mode digits
         for core, stride, v in zip(cores, strides, self.vocab_modes, strict=True):
             digit = torch.div(ids, stride, rounding_mode="floor") % v
-            pieces.append(core.index_select(1, digit).permute(1, 0, 2, 3))
+            # whole rows of the core seen as (v, r_{k-1}, h_k, r_k): one copy per lookup (selecting on axis 1
+            # and permuting copied twice), and in an ONNX export a Gather on a constant with no Transpose
+            pieces.append(core.permute(1, 0, 2, 3).index_select(0, digit))
         n = ids.shape[0]
         if self.left_to_right() if left_to_right is None else left_to_right:
             state = None
