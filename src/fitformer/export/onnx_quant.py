@@ -104,26 +104,23 @@ def dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, 
         if not m.frozen:
             raise UserError("ONNX export needs a frozen model; call freeze(model) first")
         if _first_core_on_integers(m):
-            plain, first = _chain_export(m)
-            w = plain.first.weight.numpy()
-            table[_digest(w.T)] = (name, first, True)
-            table[_digest(w)] = (name, first, False)
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, child, plain)
-            continue
-        if isinstance(m, _QuantTT):
+            plain, m = _chain_export(m)  # the rewrite places the QuantLinear of its first GEMM
+            w = plain.first.weight
+        elif isinstance(m, _QuantTT):
             continue  # exported by its own forward: dequantized cores, intermediates as float QDQ arithmetic
-        w = m.quantized_weight().detach().float()
-        if isinstance(m, QuantLinear):
-            plain: nn.Module = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            if m.bias is not None:
-                plain.bias.copy_(m.bias)
-            table[_digest(w.numpy().T)] = (name, m, True)
-        elif isinstance(m, QuantEmbedding):
-            plain = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
         else:
-            raise UserError(f"layer '{name}' ({type(m).__name__}) has no ONNX integer export; keep it in float")
-        plain.weight.copy_(w)
+            w = m.quantized_weight().detach().float()
+            if isinstance(m, QuantLinear):
+                plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+                if m.bias is not None:
+                    plain.bias.copy_(m.bias)
+            elif isinstance(m, QuantEmbedding):
+                plain = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
+            else:
+                raise UserError(f"layer '{name}' ({type(m).__name__}) has no ONNX integer export; keep it in float")
+            plain.weight.copy_(w)
+        if isinstance(m, QuantLinear):
+            table[_digest(w.numpy().T)] = (name, m, True)
         table[_digest(w.numpy())] = (name, m, False)
         parent, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, child, plain)
@@ -161,7 +158,7 @@ class _ChainExport(nn.Module):
 
     def __init__(self, m: QuantTTLinear, first: nn.Linear) -> None:
         super().__init__()
-        self.in_modes, self.out_modes, self.ranks = tuple(m.in_modes), tuple(m.out_modes), tuple(m.ranks)
+        self.in_modes, self.ranks = tuple(m.in_modes), tuple(m.ranks)
         self.out_features = m.out_features
         self.first = first
         for k in range(1, len(self.in_modes)):  # (r_k, i_k, o_k, r_{k+1}) as (r_k i_k) x (o_k r_{k+1})
@@ -186,8 +183,8 @@ def _chain_export(m: QuantTTLinear) -> tuple[_ChainExport, QuantLinear]:
     rows = core.shape[2] * core.shape[3]  # o_1 r_1 outputs of the first GEMM
     first = QuantLinear(nn.Linear(m.in_modes[0], rows, bias=False), act_bits=None)
     wq = copy.deepcopy(quant)
-    per_row = {"scale": wq.scale, "zero_point": wq.zero_point}
-    for attr, value in per_row.items():
+    for attr in ("scale", "zero_point"):
+        value = getattr(wq, attr)
         if value is not None:
             full = torch.broadcast_to(value.detach(), core.shape)[0, 0]  # (o_1, r_1)
             setattr(wq, attr, nn.Parameter(full.reshape(rows, 1).clone(), requires_grad=False))
