@@ -225,6 +225,8 @@ def main() -> None:
                    "RunConfig's distill_epochs); raise it so that --minutes, not the epochs, ends distillation.")
     p.add_argument("--word-dropout", type=float, default=None, help="Distillation augmentation, as RunConfig's "
                    "distill_word_dropout (default 0).")
+    p.add_argument("--neighbour-swap", type=float, default=None, help="Distillation augmentation, as RunConfig's "
+                   "distill_neighbour_swap (default 0).")
     p.add_argument("--ema-decay", type=float, default=None, help="Decay of the moving average of the weights "
                    "that is validated and shipped, as RunConfig's distill_ema_decay (default 0.99; 0: the raw "
                    "weights).")
@@ -260,6 +262,8 @@ def main() -> None:
         overrides["distill_learning_rate"] = args.learning_rate
     if args.word_dropout is not None:
         overrides["distill_word_dropout"] = args.word_dropout
+    if args.neighbour_swap is not None:
+        overrides["distill_neighbour_swap"] = args.neighbour_swap
     if args.ema_decay is not None:
         overrides["distill_ema_decay"] = args.ema_decay
     if args.schedule is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ from fitformer.io import read_json
 from fitformer.models import load_classifier, tiny_bert_config
 from fitformer.models.hf import eager_attention
 from fitformer.train import DistillConfig, DistillData, LayerMap, LossWeights, build_stages, distill
+from fitformer.train.augment import IGNORE_LABEL, NeighbourSwap, word_dropout
 from fitformer.train.average import WeightAverage
-from fitformer.train.distill import forward_outputs, truncated, word_dropout
+from fitformer.train.distill import forward_outputs, truncated
 from fitformer.train.evaluate import evaluate
 from fitformer.train.losses import (
     attention_kl,
@@ -175,6 +177,97 @@ def test_word_dropout_keeps_special_tokens_and_is_seeded(setup):
     assert torch.equal(a["input_ids"][torch.arange(16), new_lengths - 1], last)  # [SEP]
 
 
+SWAP_VOCAB = ["[PAD]", "[CLS]", "[SEP]", "good", "great", "fine", "bad", "awful", "poor", "film", "movie",
+              "show", "##s", "a", "1"]
+
+
+def swap_fixture():
+    """A vocabulary with three clusters of words plus non-words; each word's two neighbours are its cluster."""
+    torch.manual_seed(0)
+    centres = torch.eye(4) * 10
+    cluster = {"good": 0, "great": 0, "fine": 0, "bad": 1, "awful": 1, "poor": 1, "film": 2, "movie": 2,
+               "show": 2}
+    rows = [centres[cluster[t]] if t in cluster else centres[3] for t in SWAP_VOCAB]
+    embeddings = torch.stack(rows) + 0.1 * torch.randn(len(SWAP_VOCAB), 4)
+    return NeighbourSwap.build(embeddings, SWAP_VOCAB, k=2), cluster
+
+
+def ids(*tokens):
+    return torch.tensor([SWAP_VOCAB.index(t) for t in tokens])
+
+
+def test_neighbours_are_the_nearest_other_whole_words():
+    swap, cluster = swap_fixture()
+    for token, group in cluster.items():
+        found = {SWAP_VOCAB[i] for i in swap.neighbours[SWAP_VOCAB.index(token)].tolist()}
+        assert found == {t for t, g in cluster.items() if g == group and t != token}, token
+    for token in ("[PAD]", "[CLS]", "[SEP]", "##s", "a", "1"):  # never swapped
+        assert (swap.neighbours[SWAP_VOCAB.index(token)] == -1).all(), token
+
+
+def test_neighbour_swap_replaces_stand_alone_words_only_and_drops_their_labels():
+    swap, cluster = swap_fixture()
+    batch = {"input_ids": torch.stack([ids("[CLS]", "a", "good", "film", "##s", "[SEP]", "[PAD]"),
+                                       ids("[CLS]", "a", "1", "[SEP]", "[PAD]", "[PAD]", "[PAD]"),
+                                       ids("[CLS]", "bad", "show", "[SEP]", "good", "[PAD]", "[PAD]")])}
+    batch["attention_mask"] = torch.tensor([[1] * 6 + [0], [1] * 4 + [0] * 3, [1] * 4 + [0] * 3])
+    batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    batch["labels"] = torch.tensor([1, 0, 0])
+    out = swap(batch, 1.0, torch.Generator().manual_seed(0), word_rate=1.0)
+    before, after = batch["input_ids"], out["input_ids"]
+    # row 0: "good" swaps within its cluster; "film" heads "film ##s" and stays, as do [CLS], "a", [SEP]
+    assert cluster[SWAP_VOCAB[int(after[0, 2])]] == cluster["good"] and int(after[0, 2]) != int(before[0, 2])
+    keep = torch.ones_like(before, dtype=torch.bool)
+    keep[0, 2], keep[2, 1], keep[2, 2] = False, False, False
+    assert torch.equal(after[keep], before[keep])  # padding ("good" after [SEP] in row 2 is padding) untouched
+    assert int(after[2, 1]) in ids("awful", "poor").tolist() and int(after[2, 2]) in ids("film", "movie").tolist()
+    # swapped rows learn from the teacher alone; row 1 has no word to swap and keeps its label
+    assert out["labels"].tolist() == [IGNORE_LABEL, 0, IGNORE_LABEL]
+    assert torch.equal(out["attention_mask"], batch["attention_mask"])
+    # seeded, and p=0 changes nothing
+    again = swap(batch, 1.0, torch.Generator().manual_seed(0), word_rate=1.0)
+    assert torch.equal(again["input_ids"], after)
+    none = swap(batch, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(none["input_ids"], before) and torch.equal(none["labels"], batch["labels"])
+
+
+def test_neighbour_swap_needs_a_matching_vocabulary():
+    with pytest.raises(UserError, match="vocabulary has 3 tokens"):
+        NeighbourSwap.build(torch.randn(5, 4), ["a", "b", "c"])
+    with pytest.raises(UserError, match="whole words"):
+        NeighbourSwap.build(torch.randn(3, 4), ["[CLS]", "aa", "bb"], k=2)
+
+
+def test_task_loss_skips_ignored_labels():
+    logits = torch.randn(4, 2, requires_grad=True)
+    labels = torch.tensor([1, IGNORE_LABEL, 0, IGNORE_LABEL])
+    parts = prediction_loss(logits, None, labels, LossWeights(), False, True)
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]])
+    torch.testing.assert_close(parts["task"], expected)
+    none = prediction_loss(logits, None, torch.full((4,), IGNORE_LABEL), LossWeights(), False, True)["task"]
+    none.backward()
+    assert float(none) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_distillation_with_neighbour_swap_asks_the_teacher_every_step(setup, tiny_model_dir, tmp_path):
+    teacher, data = setup
+    _, tokenizer = load_classifier(tiny_model_dir, num_labels=2)
+    vocab = tokenizer.convert_ids_to_tokens(list(range(teacher.config.vocab_size)))
+    with_vocab = DistillData(data.train, data.validation, data.label_names, vocab)
+    counting = CountingTeacher(teacher)
+    config = DistillConfig(schedule="logits_kd", epochs=2, batch_size=16, eval_every_steps=1000,
+                           neighbour_swap=0.5)
+    result = distill(copy.deepcopy(teacher), counting, with_vocab, config, tmp_path / "run")
+    assert result.steps == 2 * data.train.num_batches(16)
+    assert counting.calls == result.steps  # swapped inputs are new: no cached teacher logits
+    with pytest.raises(UserError, match="vocabulary"):
+        distill(copy.deepcopy(teacher), teacher, data, config, tmp_path / "other")
+    # another swap rate is another run: the finished one is not mistaken for it
+    with pytest.raises(UserError, match="other settings"):
+        distill(copy.deepcopy(teacher), teacher, with_vocab, dataclasses.replace(config, neighbour_swap=0.25),
+                tmp_path / "run")
+
+
 class CountingTeacher(torch.nn.Module):
     """Wraps a classifier and counts forward passes."""
 
@@ -185,6 +278,9 @@ class CountingTeacher(torch.nn.Module):
     def forward(self, **kwargs):
         self.calls += 1
         return self.inner(**kwargs)
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
 
 
 def test_teacher_logits_are_cached_across_epochs(setup, tmp_path):
@@ -333,6 +429,7 @@ def test_time_budget_is_split_across_stages(setup, tmp_path):
     ({"budget_minutes": 0}, "budget"),
     ({"hidden_loss": "l1"}, "hidden loss"),
     ({"word_dropout": 0.9}, "word dropout"),
+    ({"neighbour_swap": 1.5}, "neighbour_swap"),
     ({"ema_decay": 1.0}, "ema_decay"),
     ({"schedule": "two_stage", "hidden_weight": 0, "embedding_weight": 0, "attention_weight": 0}, "weight"),
     ({"schedule": "finetune_only", "task_weight": 0}, "no loss"),

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import UserError
 
+# settings added after run directories were made, with the value that leaves results as before
+_ADDED_LATER = {"distill_neighbour_swap": 0.0}
 OBJECTIVE_METRICS = {"latency": "latency_ms", "energy": "energy_mj", "edp": "edp_mjs", "size": "size_bytes"}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -86,6 +88,11 @@ class RunConfig(BaseModel):
                                         "(not [CLS]/[SEP]) is dropped with this probability per step, so the "
                                         "student sees new inputs with the teacher's label for each (0.1 "
                                         "measured better in bench_distill); teacher logits are then not cached.")
+    distill_neighbour_swap: float = Field(0.0, ge=0, le=1, description="Augmentation: this share of training "
+                                          "examples has its words swapped (each with probability 0.4) for one of "
+                                          "their 15 nearest neighbours in the teacher's embedding space, new "
+                                          "inputs learnt from the teacher's soft labels alone (TinyBERT's "
+                                          "augmentation); teacher logits are then not cached.")
     distill_ema_decay: float = Field(0.99, ge=0, lt=1, description="In (0, 1): the exponential moving average "
                                      "of the weights with this decay is validated and its best evaluation "
                                      "ships (less of a lucky draw among noisy evaluations; 0.99 measured best, "
@@ -125,7 +132,9 @@ class RunConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the run's results (what the run directory's manifest compares)."""
-        return self.model_dump(mode="json", exclude={"out", "threads", "latency_repeats"})
+        settings = self.model_dump(mode="json", exclude={"out", "threads", "latency_repeats"})
+        # settings added after runs were made count only when set, so those runs still resume
+        return {k: v for k, v in settings.items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
 
     def check_resources(self) -> None:
         """Check what the model cannot: the devices exist, the files are there, the run directory is usable."""

@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(DistillConfig.temperature, help="Soft-target temperature."),
         hidden_loss: str = typer.Option(DistillConfig.hidden_loss, help="Hidden-state loss: mse or cosine."),
         word_dropout: float = typer.Option(DistillConfig.word_dropout, help="Augmentation: token drop rate."),
+        neighbour_swap: float = typer.Option(DistillConfig.neighbour_swap, help="Augmentation: share of examples "
+                                             "with words swapped for embedding-space neighbours."),
         ema_decay: float = typer.Option(DistillConfig.ema_decay, help="Validate and keep the moving average of "
                                         "the weights with this decay (0: the raw weights)."),
         group_by_length: int = typer.Option(DistillConfig.group_by_length, help="Sort each chunk of this many "
@@ -61,7 +63,8 @@ def register(app: typer.Typer) -> None:
         """
         config = DistillConfig(schedule=schedule, budget_minutes=budget_minutes, max_steps=max_steps, epochs=epochs,
                                learning_rate=lr, batch_size=batch_size, temperature=temperature,
-                               hidden_loss=hidden_loss, word_dropout=word_dropout, ema_decay=ema_decay,
+                               hidden_loss=hidden_loss, word_dropout=word_dropout, neighbour_swap=neighbour_swap,
+                               ema_decay=ema_decay,
                                group_by_length=group_by_length,
                                patience=patience, seed=seed)
         config.validate()

@@ -39,6 +39,7 @@ from ..io import atomic_path, read_json, sha256_json, write_json_atomic
 from ..models.hf import eager_attention
 from ..progress import console, make_progress
 from ..utils import seed_everything
+from .augment import NeighbourSwap, word_dropout
 from .average import WeightAverage
 from .evaluate import evaluate
 from .finetune import load_checkpoint, nonfinite_origin, require_same_model, save_checkpoint
@@ -77,6 +78,9 @@ class DistillConfig:
     task_weight: float = 1.0
     hidden_loss: str = "mse"
     word_dropout: float = 0.0
+    # > 0: this share of training examples has words swapped for embedding-space neighbours (train/augment.py),
+    # learnt from the teacher's soft labels alone
+    neighbour_swap: float = 0.0
     # > 0: validate, keep and ship the moving average of the weights (train/average.py); 0.99 measured best
     # on the size run's student (docs/distillation.md)
     ema_decay: float = 0.99
@@ -107,6 +111,8 @@ class DistillConfig:
             raise UserError(f"warm-up ratio {self.warmup_ratio}: must be in [0, 1)")
         if not 0 <= self.word_dropout < 0.5:
             raise UserError(f"word dropout {self.word_dropout}: must be in [0, 0.5)")
+        if not 0 <= self.neighbour_swap <= 1:
+            raise UserError(f"neighbour_swap {self.neighbour_swap}: must be a share of examples in [0, 1], e.g. 0.5")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"ema_decay {self.ema_decay}: must be 0 (off) or in (0, 1), e.g. 0.99")
         if self.group_by_length < 0:
@@ -171,6 +177,7 @@ class DistillData:
     train: EncodedDataset
     validation: EncodedDataset
     label_names: list[str]
+    vocab: list[str] | None = None  # token strings by id (what neighbour_swap needs)
 
     @classmethod
     def from_teacher(cls, teacher: Any, max_train_examples: int | None = None, seed: int = 0) -> DistillData:
@@ -179,7 +186,9 @@ class DistillData:
         if max_train_examples is not None and max_train_examples < len(train):
             pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
             train = train.select(pick[:max_train_examples])
-        return cls(train, teacher.encoded("validation"), teacher.label_names)
+        rows = teacher.model.get_input_embeddings().weight.shape[0]
+        vocab = [t or "" for t in teacher.tokenizer.convert_ids_to_tokens(list(range(rows)))]
+        return cls(train, teacher.encoded("validation"), teacher.label_names, vocab)
 
 
 @dataclass
@@ -240,24 +249,6 @@ def truncated(model: nn.Module, depth: int | None) -> Iterator[None]:
         encoder.layer = layers
 
 
-def word_dropout(batch: dict[str, torch.Tensor], p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Augmentation: drop each real token except the first and last ([CLS], [SEP]) with probability ``p``,
-    closing the gaps (a MLM-free stand-in for masked-token replacement)."""
-    mask = batch["attention_mask"].bool()
-    lengths = mask.sum(dim=1, keepdim=True)
-    positions = torch.arange(mask.shape[1])[None, :]
-    protected = (positions == 0) | (positions == lengths - 1)
-    keep = mask & (protected | (torch.rand(mask.shape, generator=generator) >= p))
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    new_mask = torch.gather(keep, 1, order)
-    length = max(int(new_mask.sum(dim=1).max()), 1)
-    out = {k: torch.gather(batch[k], 1, order)[:, :length] * new_mask[:, :length]
-           for k in ("input_ids", "token_type_ids")}
-    out["attention_mask"] = new_mask[:, :length].long()
-    out["labels"] = batch["labels"]
-    return out
-
-
 class _LogitCache:
     """Teacher logits per training example, filled as batches pass: a second epoch costs no teacher pass."""
 
@@ -275,6 +266,14 @@ class _LogitCache:
             self.values = torch.zeros(len(self.filled), logits.shape[-1])
         self.values[index] = logits.detach().float()
         self.filled[index] = True
+
+
+def _neighbour_swap(teacher: nn.Module, data: DistillData) -> NeighbourSwap:
+    if data.vocab is None:
+        raise UserError("neighbour_swap needs the tokenizer's vocabulary: build DistillData with vocab= "
+                        "(DistillData.from_teacher does), or set neighbour_swap to 0")
+    used = data.train.token_counts(len(data.vocab)) > 0
+    return NeighbourSwap.build(teacher.get_input_embeddings().weight, data.vocab, used)
 
 
 def _stream(data: EncodedDataset, batch_size: int, seed: int, state: dict[str, Any], group_by_length: int = 0
@@ -301,8 +300,13 @@ def _lr_factor(progress: float, warmup: float) -> float:
     return max(1.0 - progress, 0.0)
 
 
+# settings added after runs were made: part of the run id only when set, so those runs still resume
+_ADDED_LATER = {"neighbour_swap": 0.0}
+
+
 def _run_id(config: DistillConfig, stages: list[Stage]) -> str:
-    return sha256_json([asdict(config), [asdict(s) for s in stages]])[:16]
+    settings = {k: v for k, v in asdict(config).items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+    return sha256_json([settings, [asdict(s) for s in stages]])[:16]
 
 
 def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -396,6 +400,8 @@ def distill(
         console.print(f"resuming distillation at stage {state['stage'] + 1}/{len(stages)}, "
                       f"step {state['global_step']}")
     cache = _LogitCache(len(data.train))
+    swap = _neighbour_swap(teacher, data) if config.neighbour_swap > 0 else None
+    augmenting = swap is not None or config.word_dropout > 0
     batches = _stream(data.train, config.batch_size, config.seed, state, config.group_by_length)
     meta = {"run_id": run_id, "schedule": config.schedule, "distill": asdict(config)}
 
@@ -434,20 +440,23 @@ def distill(
                 if limit_s is not None and elapsed >= limit_s:
                     break
                 rows, batch = next(batches)
-                if config.word_dropout > 0:
+                if augmenting:
                     gen = torch.Generator().manual_seed(config.seed * 7919 + state["global_step"])
-                    batch = word_dropout(batch, config.word_dropout, gen)
+                    if swap is not None:
+                        batch = swap(batch, config.neighbour_swap, gen)
+                    if config.word_dropout > 0:
+                        batch = word_dropout(batch, config.word_dropout, gen)
                 mask = batch["attention_mask"]
                 teacher_out, teacher_logits = None, None
                 if stage.layers:
                     with torch.no_grad(), truncated(teacher, teacher_depth):
                         teacher_out = forward_outputs(teacher, batch, True, attn)
                 elif stage.logits:
-                    teacher_logits = cache.get(rows) if config.word_dropout == 0 else None
+                    teacher_logits = None if augmenting else cache.get(rows)
                     if teacher_logits is None:
                         with torch.no_grad():
                             teacher_logits = forward_outputs(teacher, batch, False, False).logits.float()
-                        if config.word_dropout == 0:
+                        if not augmenting:
                             cache.put(rows, teacher_logits)
                 with truncated(student, depth):
                     student_out = forward_outputs(student, batch, bool(stage.layers), attn)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .augment import IGNORE_LABEL
 
 HIDDEN_LOSSES = ("mse", "cosine")
 
@@ -65,8 +66,11 @@ def logits_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float =
 
 
 def task_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against the true labels."""
-    return F.cross_entropy(logits, labels)
+    """Cross-entropy against the true labels; examples labelled ``IGNORE_LABEL`` (augmented ones whose label
+    may no longer hold) do not count, and a batch with none left contributes zero."""
+    if not bool((labels != IGNORE_LABEL).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL)
 
 
 def teacher_layer(student_layer: int, student_depth: int, teacher_depth: int) -> int:
