@@ -227,6 +227,8 @@ def main() -> None:
                    "distill_word_dropout (default 0).")
     p.add_argument("--neighbour-swap", type=float, default=None, help="Distillation augmentation, as RunConfig's "
                    "distill_neighbour_swap (default 0).")
+    p.add_argument("--temperature", type=float, default=None, help="Soft-target temperature of distillation, as "
+                   "RunConfig's distill_temperature (default 1).")
     p.add_argument("--ema-decay", type=float, default=None, help="Decay of the moving average of the weights "
                    "that is validated and shipped, as RunConfig's distill_ema_decay (default 0.99; 0: the raw "
                    "weights).")
@@ -264,6 +266,8 @@ def main() -> None:
         overrides["distill_word_dropout"] = args.word_dropout
     if args.neighbour_swap is not None:
         overrides["distill_neighbour_swap"] = args.neighbour_swap
+    if args.temperature is not None:
+        overrides["distill_temperature"] = args.temperature
     if args.ema_decay is not None:
         overrides["distill_ema_decay"] = args.ema_decay
     if args.schedule is not None:

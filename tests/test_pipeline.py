@@ -103,6 +103,13 @@ def test_changed_settings_in_same_run_dir_are_refused(run_args, finished_run):
     assert _cli([*args, "--seed", "1"]) == 2
 
 
+def test_a_setting_added_later_counts_in_the_identity_only_when_set():
+    """Run directories made before these settings existed hold identities without them: they resume."""
+    assert not {"distill_neighbour_swap", "distill_temperature"} & set(RunConfig().identity())
+    assert RunConfig(distill_neighbour_swap=0.5).identity()["distill_neighbour_swap"] == 0.5
+    assert RunConfig(distill_temperature=2.0).identity()["distill_temperature"] == 2.0
+
+
 @pytest.mark.parametrize("bad", [["--device", "no-such-device"], ["--max-accuracy-drop", "-1"],
                                  ["--objective", "speed"], ["--data", "/no/such/file.csv"], ["--preset", "fast"],
                                  ["--budget-minutes", "0"]])

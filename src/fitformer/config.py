@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 
 # settings added after run directories were made, with the value that leaves results as before
-_ADDED_LATER = {"distill_neighbour_swap": 0.0}
+_ADDED_LATER = {"distill_neighbour_swap": 0.0, "distill_temperature": 1.0}
 OBJECTIVE_METRICS = {"latency": "latency_ms", "energy": "energy_mj", "edp": "edp_mjs", "size": "size_bytes"}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -88,6 +88,9 @@ class RunConfig(BaseModel):
                                         "(not [CLS]/[SEP]) is dropped with this probability per step, so the "
                                         "student sees new inputs with the teacher's label for each (0.1 "
                                         "measured better in bench_distill); teacher logits are then not cached.")
+    distill_temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's soft targets in "
+                                       "distillation (the KL term is scaled by its square); above 1 the targets "
+                                       "say how sure the teacher is, not only what it picks.")
     distill_neighbour_swap: float = Field(0.0, ge=0, le=1, description="Augmentation: this share of training "
                                           "examples has its words swapped (each with probability 0.4) for one of "
                                           "their 15 nearest neighbours in the teacher's embedding space, new "

@@ -347,7 +347,7 @@ class Pipeline:
         config = DistillConfig(schedule=c.distill_schedule, budget_minutes=share - build_minutes,
                                epochs=c.distill_epochs, batch_size=c.distill_batch_size,
                                learning_rate=c.distill_learning_rate, word_dropout=c.distill_word_dropout,
-                               neighbour_swap=c.distill_neighbour_swap,
+                               neighbour_swap=c.distill_neighbour_swap, temperature=c.distill_temperature,
                                ema_decay=c.distill_ema_decay,
                                seed=c.seed)
         return distill(student, self.teacher.model, data, config, self.run.file(out))
