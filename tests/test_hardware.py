@@ -208,6 +208,22 @@ def test_tt_ops_shapes(modes, rank, tokens):
     assert sum(o.weight_bytes for o in gemms) == params * 4
 
 
+@pytest.mark.parametrize("bits", [4, 8, 32])
+def test_quantized_tt_cores_are_stored_at_their_bits_and_multiplied_in_float(bits):
+    """TT layers keep float intermediates, so their chain runs on dequantized cores; only the low rank's
+    first GEMM, which meets the input as it is, runs on integers in the ONNX export."""
+    lopsided = LinearCompression(factor="tt", tt_in_modes=(96, 2, 2), tt_out_modes=(2, 2, 96), tt_ranks=(8, 8),
+                                 bits=bits)
+    low_rank = LinearCompression(factor="tt", tt_in_modes=(384, 1), tt_out_modes=(1, 384), tt_ranks=(32,),
+                                 bits=bits)
+    for comp, first in ((lopsided, 32), (low_rank, 8 if bits <= 8 else 32)):
+        gemms = [o for o in tt_linear_ops(16, comp) if o.kind == "gemm"]
+        assert [o.bits for o in gemms] == [first] + [32] * (len(gemms) - 1)
+        float_bytes = sum(o.weight_bytes for o in tt_linear_ops(16, dataclasses.replace(comp, bits=32))
+                          if o.kind == "gemm")
+        assert sum(o.weight_bytes for o in gemms) == float_bytes * bits / 32
+
+
 @settings(max_examples=40, deadline=None)
 @given(modes=st.lists(st.tuples(st.integers(2, 6), st.integers(2, 6)), min_size=2, max_size=4),
        rank=st.integers(1, 40), tokens=st.integers(1, 64))

@@ -202,15 +202,22 @@ def tt_linear_ops(tokens: int, comp: LinearCompression, name: str = "") -> list[
     by core i viewed as (r_{i-1} m_i) x (n_i r_i): M = tokens * prod(n_<i) * prod(m_>i),
     K = r_{i-1} m_i, N = n_i r_i. Each step is preceded by a permutation copy that brings (m_i, r_{i-1})
     to the last axis.
+
+    The cores are stored at ``comp.bits`` but multiplied in float: a TT layer keeps float intermediates, so a
+    quantized one runs its chain on dequantized cores, in PyTorch and in onnxruntime alike. The exception is
+    a chain whose first core meets the input as it is (input modes ``(in, 1, ..)``, the low rank): at 8 bits
+    or fewer the ONNX export runs that first GEMM on integers, 8-bit input times the core's codes
+    (``fitformer.export.onnx_quant``).
     """
     ins, outs = comp.tt_in_modes, comp.tt_out_modes
     ranks = (1, *comp.tt_ranks, 1)
+    integer_first = comp.bits <= 8 and all(m == 1 for m in ins[1:])
     ops: list[Op] = []
     for i in range(len(ins)):
         m_rows = tokens * math.prod(outs[:i]) * math.prod(ins[i + 1:])
         k, n = ranks[i] * ins[i], outs[i] * ranks[i + 1]
         ops.append(Op("elementwise", m=m_rows, n=k, elem_flops=0.0, name=f"{name}.permute{i}", tag="tt"))
-        ops.append(Op("gemm", m=m_rows, n=n, k=k, bits=comp.bits,
+        ops.append(Op("gemm", m=m_rows, n=n, k=k, bits=8 if i == 0 and integer_first else 32,
                       weight_bytes=weight_bytes(k, n, comp.bits), name=f"{name}.core{i}", tag="tt"))
     return ops
 
