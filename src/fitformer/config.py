@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
+from .io import without_later_defaults
 
 # settings added after run directories were made, with the value that leaves results as before
 _ADDED_LATER = {"distill_neighbour_swap": 0.0, "distill_temperature": 1.0}
@@ -136,8 +137,7 @@ class RunConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The settings that decide the run's results (what the run directory's manifest compares)."""
         settings = self.model_dump(mode="json", exclude={"out", "threads", "latency_repeats"})
-        # settings added after runs were made count only when set, so those runs still resume
-        return {k: v for k, v in settings.items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+        return without_later_defaults(settings, _ADDED_LATER)
 
     def check_resources(self) -> None:
         """Check what the model cannot: the devices exist, the files are there, the run directory is usable."""

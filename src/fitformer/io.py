@@ -62,6 +62,12 @@ def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
+def without_later_defaults(settings: dict[str, Any], added_later: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` less those added after runs were made that still hold the value that leaves results as
+    before: what a run's identity hashes or compares, so runs made before such a setting still resume."""
+    return {k: v for k, v in settings.items() if not (k in added_later and v == added_later[k])}
+
+
 def cache_root() -> Path:
     """Where cached teachers and tokenised data live: ``$FITFORMER_CACHE`` or ``~/.cache/fitformer``."""
     root = os.environ.get("FITFORMER_CACHE") or os.path.join(Path.home(), ".cache", "fitformer")

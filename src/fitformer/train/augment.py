@@ -69,11 +69,12 @@ class NeighbourSwap:
         if len(words) <= k:
             raise UserError(f"neighbour swap: the vocabulary has {len(words)} whole words, fewer than the "
                             f"{k + 1} it needs; it suits WordPiece vocabularies of real models")
-        unit = F.normalize(embeddings.detach().float()[words], dim=1)
+        unit = F.normalize(embeddings.detach().float(), dim=1)
+        candidates = unit[words]
         sources = (word & used.bool()) if used is not None else word
         neighbours = torch.full((len(vocab), k), -1, dtype=torch.long)
         for ids in sources.nonzero().squeeze(1).split(chunk):
-            similarity = F.normalize(embeddings.detach().float()[ids], dim=1) @ unit.T
+            similarity = unit[ids] @ candidates.T
             similarity[similarity >= 1 - 1e-6] = -2.0  # the word itself (and exact duplicates) is no neighbour
             neighbours[ids] = words[similarity.topk(k, dim=1).indices]
         return cls(neighbours, continuation)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..data.tokenize import EncodedDataset
 from ..errors import UserError
-from ..io import atomic_path, read_json, sha256_json, write_json_atomic
+from ..io import atomic_path, read_json, sha256_json, without_later_defaults, write_json_atomic
 from ..models.hf import eager_attention
 from ..progress import console, make_progress
 from ..utils import seed_everything
@@ -300,13 +300,12 @@ def _lr_factor(progress: float, warmup: float) -> float:
     return max(1.0 - progress, 0.0)
 
 
-# settings added after runs were made: part of the run id only when set, so those runs still resume
+# settings added after runs were made, with the value that leaves results as before
 _ADDED_LATER = {"neighbour_swap": 0.0}
 
 
 def _run_id(config: DistillConfig, stages: list[Stage]) -> str:
-    settings = {k: v for k, v in asdict(config).items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
-    return sha256_json([settings, [asdict(s) for s in stages]])[:16]
+    return sha256_json([without_later_defaults(asdict(config), _ADDED_LATER), [asdict(s) for s in stages]])[:16]
 
 
 def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
