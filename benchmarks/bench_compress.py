@@ -238,6 +238,10 @@ def main() -> None:
                    "--minutes is split between them.")
     p.add_argument("--search-budget", type=int, default=None, help="Plans each search evaluates (default: "
                    "preset).")
+    p.add_argument("--bits", type=int, nargs="+", default=None, help="Weight bit widths the search may choose, "
+                   "as RunConfig's bits (default: each run's own).")
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="TT and low-rank ranks the search may "
+                   "choose, as RunConfig's ranks (default: RunConfig's).")
     p.add_argument("--combine", action="store_true", help="Write compress.json from the three single-run files "
                    "(compress-speed.json, compress-size.json, compress-energy.json) instead of running anything.")
     args = p.parse_args()
@@ -276,6 +280,10 @@ def main() -> None:
         overrides["candidates"] = args.candidates
     if args.search_budget is not None:
         overrides["search_budget"] = args.search_budget
+    if args.bits is not None:
+        overrides["bits"] = args.bits
+    if args.ranks is not None:
+        overrides["ranks"] = args.ranks
     results = {name: run_one(name, overrides, args.work, log=print) for name in args.runs}
     time_side_by_side(results, rounds=4 if args.quick else 8, log=print)
     first = next(iter(results.values()))

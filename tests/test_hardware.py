@@ -208,7 +208,7 @@ def test_tt_ops_shapes(modes, rank, tokens):
     assert sum(o.weight_bytes for o in gemms) == params * 4
 
 
-@pytest.mark.parametrize("bits", [4, 8, 32])
+@pytest.mark.parametrize("bits", [3, 4, 8, 32])
 def test_quantized_tt_cores_are_stored_at_their_bits_and_multiplied_in_float(bits):
     """TT layers keep float intermediates, so their chain runs on dequantized cores; only the low rank's
     first GEMM, which meets the input as it is, runs on integers in the ONNX export."""
@@ -247,6 +247,9 @@ def test_bad_compression_is_a_user_error():
         linear_ops(4, 64, 64, LinearCompression(factor="tt", tt_in_modes=(4, 4), tt_out_modes=(8, 8), tt_ranks=(2,)))
     with pytest.raises(UserError, match="sparsity"):
         LinearCompression(sparsity=1.5)
+    for bits in (1, 9, 12):
+        with pytest.raises(UserError, match="bits must be 2 to 8"):
+            LinearCompression(bits=bits)
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,20 @@ def test_size_objective_searches_only_plans_within_the_gain(tmp_path, tiny_model
     assert len(model.predict(["a fine film", "a dull film"])) == 2
 
 
+def test_three_bit_plans_ship_packed_and_run_on_integer_kernels(tmp_path, tiny_model_dir, sentiment_data):
+    """Widths below 4 bits are searched like the others: stored packed at their width, run in onnxruntime on
+    int8 kernels, and loaded back."""
+    fitformer.compress(model=tiny_model_dir, data=sentiment_data, device="laptop-i7-1185g7", objective="size",
+                       constraints={"max_accuracy_drop": 100}, out=tmp_path / "run", search_budget=10, bits=[3],
+                       formats=["dense", "tt"], teacher_epochs=1, budget_minutes=0.1, max_length=16, candidates=1)
+    candidates = json.loads((tmp_path / "run" / "candidates.json").read_text())
+    assert {x["bits"] for c in candidates for x in c["spec"]["layers"]} == {3}
+    evaluation = json.loads((tmp_path / "run" / "evaluate.json").read_text())
+    assert evaluation[candidates[0]["key"]]["runtime"] == "onnxruntime-int8"
+    model = fitformer.load(tmp_path / "run")
+    assert model.meta["weights"] == "packed" and len(model.predict(["a fine film"])) == 1
+
+
 def test_quick_preset_ships_an_int8_model_with_packed_weights(run_args, tmp_path):
     """The demo's preset: every searched layer and the word embedding in int8, measured in onnxruntime on
     integer kernels, exported with packed weights that load back."""

@@ -195,16 +195,20 @@ LOW_RANK = {"*.intermediate.dense": TTPlan((32, 1), (1, 64), max_rank=4, num_cor
             "bert.encoder.layer.?.output.dense": TTPlan((64, 1), (1, 32), max_rank=4, num_cores=2)}
 LOPSIDED = {"*.intermediate.dense": TTPlan((8, 2, 2), (2, 2, 16), max_rank=4, num_cores=3),
             "bert.encoder.layer.?.output.dense": TTPlan((16, 2, 2), (2, 2, 8), max_rank=4, num_cores=3)}
+BALANCED = {"*.intermediate.dense": TTPlan((4, 8), (8, 8), max_rank=4, num_cores=2),  # chain > dense GEMM
+            "bert.encoder.layer.?.output.dense": TTPlan((8, 8), (4, 8), max_rank=4, num_cores=2)}
 
 
 @pytest.mark.parametrize("fmt", ["integer", "qdq"])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("shapes", [LOW_RANK, LOPSIDED], ids=["low_rank", "lopsided"])
+@pytest.mark.parametrize("shapes", [LOW_RANK, LOPSIDED, BALANCED], ids=["low_rank", "lopsided", "balanced"])
 def test_low_rank_tt_exports_its_first_gemm_on_integer_codes(tmp_path, fmt, symmetric, shapes):
     """A quantized low-rank TT ``(in, 1) x (1, out)`` with float intermediates (what the size search picks for
     most linears) exports its first GEMM on the first core's integer codes and the input's, its second in
-    float, with no float quantization arithmetic and no copies left; a lopsided 3-core TT, whose first core
-    would need the input transposed, keeps its own forward. Both match PyTorch."""
+    float, with no float quantization arithmetic and no copies left; a TT whose chain costs more than the
+    dense GEMM (the uniform baseline's balanced shapes) exports as one integer GEMM on its rebuilt weight; a
+    lopsided 3-core TT, whose first core would need the input transposed, keeps its own forward. All match
+    PyTorch."""
     torch.manual_seed(0)
     plan = CompressionPlan(layers={k: [v] for k, v in shapes.items()})
     model = apply_plan(BertForSequenceClassification(tiny_bert_config()).eval(), plan)
@@ -218,12 +222,12 @@ def test_low_rank_tt_exports_its_first_gemm_on_integer_codes(tmp_path, fmt, symm
     tt = sum(isinstance(m, QuantTTLinear) for m in frozen.modules())
     linears = sum(isinstance(m, QuantLinear) for m in frozen.modules())
     assert tt == 2 * frozen.config.num_hidden_layers
-    low_rank = shapes is LOW_RANK
-    assert info["layers"] == linears + tt * low_rank
-    assert ("Round" in nodes) != low_rank  # the TT input's quantization in float arithmetic, or none
+    integer = shapes is not LOPSIDED
+    assert info["layers"] == linears + tt * integer
+    assert ("Round" in nodes) != integer  # the TT input's quantization in float arithmetic, or none
     if fmt == "integer":
         assert nodes.count("MatMulIntegerToFloat") == info["layers"]
     tt_ops = {n.op_type for n in graph.node if "intermediate" in n.name or "output/dense" in n.name}
-    assert ("Transpose" in tt_ops) != low_rank
+    assert ("Transpose" in tt_ops) != integer
     gap = compare_with_torch(frozen, ort_session(tmp_path / "tt.onnx", threads=1), [_batch(s) for s in range(3)])
     assert gap["max_abs_diff"] <= 1e-2 and gap["prediction_agreement"] == 1.0

@@ -69,8 +69,9 @@ class RunConfig(BaseModel):
         ["dense", "lowrank", "tt"], min_length=1, description="Layer formats the search may choose per layer.")
     ranks: list[int] = Field([32, 64, 128], min_length=1, description="Low-rank and TT ranks the search may "
                                                                        "choose (higher keeps more accuracy).")
-    bits: list[Literal[4, 8, 32]] = Field([32, 8], min_length=1, description="Weight bit widths the search may "
-                                          "choose (8 and 4 run with 8-bit activations on integer kernels).")
+    bits: list[Literal[2, 3, 4, 5, 6, 7, 8, 32]] = Field([32, 8], min_length=1, description="Weight bit "
+                                                          "widths the search may choose (2 to 8 run with 8-bit "
+                                                          "activations on int8 kernels, stored packed).")
     sparsities: list[float] = Field([0.0], min_length=1, description="Balanced (N:4) weight sparsities the "
                                                                      "search may choose, e.g. [0.0, 0.5].")
     embedding: bool = Field(False, description="Also search the word embedding's format (TT embedding, bits): "

@@ -13,8 +13,9 @@ the graph is then rewritten so each quantized layer runs on its integer codes wi
   integer kernels itself.
 - embeddings gather int8 rows and dequantize only those rows.
 - a low-rank TT layer (modes ``(in, 1) x (1, out)``, float intermediates) runs its first core's GEMM as a
-  quantized linear on that core's codes and its second in float (:class:`_ChainExport`); other TT layers
-  export through their own forward.
+  quantized linear on that core's codes and its second in float (:class:`_ChainExport`); a TT layer whose
+  chain costs more than the dense GEMM (the planner then rebuilds the weight) runs as an integer GEMM on its
+  rebuilt weight re-quantized to 8 bits; other TT layers export through their own forward.
 
 Quantized layers are found in the float graph by the exact bytes of their dequantized weight (as it is or
 transposed), so the rewrite does not depend on the exporter's names.
@@ -106,6 +107,9 @@ def dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, 
         if _first_core_on_integers(m):
             plain, m = _chain_export(m)  # the rewrite places the QuantLinear of its first GEMM
             w = plain.first.weight
+        elif _rebuilt_on_integers(m):
+            plain, m = _rebuilt_export(m)  # the rewrite places the QuantLinear of the rebuilt weight
+            w = plain.weight
         elif isinstance(m, _QuantTT):
             continue  # exported by its own forward: dequantized cores, intermediates as float QDQ arithmetic
         else:
@@ -127,6 +131,49 @@ def dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, 
     return out, table
 
 
+def _integer_input_tt(m: nn.Module) -> bool:
+    """A quantized TT-matrix linear with 8-bit inputs and float intermediates, modes matching its shape."""
+    return (isinstance(m, QuantTTLinear) and m.intermediate_quant is None and m.input_quant is not None
+            and m.input_quant.bits == 8 and math.prod(m.in_modes) == m.in_features
+            and math.prod(m.out_modes) == m.out_features)
+
+
+def _chain_is_cheaper(m: QuantTTLinear) -> bool:
+    """Whether the layer's chain (left to right, as the cost model counts it) does less arithmetic than the
+    dense GEMM it replaces."""
+    chain = sum(op["flops"] for op in chain_ops(m.in_modes, m.out_modes, m.ranks, 1, "ltr"))
+    return chain < 2 * m.in_features * m.out_features
+
+
+def _rebuilt_on_integers(m: nn.Module) -> bool:
+    """Whether a frozen TT layer exports as an integer GEMM on its rebuilt weight (:func:`_rebuilt_export`):
+    a quantized TT-matrix linear with 8-bit inputs and float intermediates whose chain does at least the
+    dense GEMM's arithmetic, such as the balanced ``6x8x8`` shapes of HEAT's uniform baseline at rank ~30.
+
+    Why: the planner never runs such a chain; it rebuilds the dense weight, and exported through its own
+    forward the layer became one float GEMM on that weight behind a float fake-quantization of its input
+    (on the size run's uniform baseline at batch 32: 37 float GEMMs, 326 ms, and 110 ms of element-wise
+    quantization ops, where the cost model counts one integer GEMM per layer)."""
+    return _integer_input_tt(m) and not _chain_is_cheaper(m)
+
+
+@torch.no_grad()
+def _rebuilt_export(m: QuantTTLinear) -> tuple[nn.Linear, QuantLinear]:
+    """The layer's rebuilt dense weight as a float linear, and the ``QuantLinear`` that the rewrite runs in its
+    place: that weight re-quantized to 8 bits per output row (step sizes by the same MSE search as any weight),
+    the layer's own input quantizer and bias. The 4-bit cores stay what the weights file stores; only the
+    ONNX graph holds the 8-bit rebuilt weight."""
+    dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+    dense.weight.copy_(m.weight)
+    if m.bias is not None:
+        dense.bias.copy_(m.bias)
+    rebuilt = QuantLinear(dense, weight_bits=8, act_bits=None, per_channel=True, symmetric=True)
+    rebuilt.input_quant = copy.deepcopy(m.input_quant)
+    rebuilt.freeze()
+    dense.weight.copy_(rebuilt.quantized_weight())
+    return dense, rebuilt
+
+
 def _first_core_on_integers(m: nn.Module) -> bool:
     """Whether a frozen TT layer exports as :class:`_ChainExport`: a quantized TT-matrix linear with 8-bit
     inputs and float intermediates whose first core meets the input without a copy (every input mode after
@@ -137,12 +184,7 @@ def _first_core_on_integers(m: nn.Module) -> bool:
     384-wide mode comes last, a full copy of the activation; on the size run's model, rewriting its five
     such layers as well ran no faster (257 against 248 ms at batch 32) than leaving them to their own forward,
     which the planner runs without that copy."""
-    if not (isinstance(m, QuantTTLinear) and m.intermediate_quant is None and m.input_quant is not None
-            and m.input_quant.bits == 8 and math.prod(m.in_modes) == m.in_features
-            and math.prod(m.out_modes) == m.out_features and all(i == 1 for i in m.in_modes[1:])):
-        return False
-    chain = sum(op["flops"] for op in chain_ops(m.in_modes, m.out_modes, m.ranks, 1, "ltr"))
-    return chain < 2 * m.in_features * m.out_features
+    return _integer_input_tt(m) and all(i == 1 for i in m.in_modes[1:]) and _chain_is_cheaper(m)
 
 
 class _ChainExport(nn.Module):

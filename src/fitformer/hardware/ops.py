@@ -139,8 +139,8 @@ class LinearCompression:
             if d < 2 or len(self.tt_out_modes) != d or len(self.tt_ranks) != d - 1:
                 raise UserError("a tt linear needs d >= 2 input and output modes and d-1 internal ranks; "
                                 f"got modes {self.tt_in_modes} / {self.tt_out_modes}, ranks {self.tt_ranks}")
-        if self.bits not in (4, 8, 16, 32):
-            raise UserError(f"bits must be 4, 8, 16 or 32, got {self.bits}")
+        if not (2 <= self.bits <= 8 or self.bits in (16, 32)):
+            raise UserError(f"bits must be 2 to 8 (integer), 16 or 32 (float), got {self.bits}")
         if not 0.0 <= self.sparsity < 1.0:
             raise UserError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.sparse_format not in SPARSE_FORMATS:

@@ -19,7 +19,7 @@ from .space import CandidateSpec, DeviceLimits, EncoderShape, LayerSpec
 SPARSE_PREFERENCE = ("hp", "2:4", "block")  # formats a device may run natively, best first
 
 
-def device_limits(spec: DeviceSpec, bits: tuple[int, ...] = (32, 8, 4),
+def device_limits(spec: DeviceSpec, bits: tuple[int, ...] = (32, 8, 7, 6, 5, 4, 3, 2),
                   sparsities: tuple[float, ...] = (0.0, 0.5, 0.75)) -> DeviceLimits:
     """What the search may choose on a device: bit widths it runs on integer kernels (32 always; narrower
     ones stored packed), and HP sparsity only where the device declares a sparse format."""
