@@ -1,12 +1,14 @@
-"""ONNX export of a quantized candidate: low-rank layers with their first GEMM on integer codes, against float.
+"""ONNX export of a quantized candidate: its TT layers on integer kernels, against the exports before.
 
-A searched size plan factorises most linears as the 2-core low rank ``(in, 1) x (1, out)`` with 8-bit inputs,
-4- or 8-bit cores and float intermediates. Exported through the layer's own forward, such a layer runs both
-GEMMs in float on the dequantized cores, behind a quantize-dequantize of its input written as float arithmetic
-(Div, Round, Clip, Sub, Mul over every activation). The exporter now runs its first GEMM on the first core's
-integer codes (``MatMulIntegerToFloat``) and its second in float. This benchmark exports one saved candidate
-both ways (the float way by switching that rewrite off), tests both on the run's test split and times them
-side by side at batch 1 and 32, 128 tokens, in one interleaved loop.
+A searched size plan factorises most linears as the 2-core low rank ``(in, 1) x (1, out)`` and a few as lopsided
+TT shapes such as ``384x2x2-2x2x96``, with 8-bit inputs, 4- or 8-bit cores and float intermediates. Exported
+through its own forward, such a layer runs its whole chain in float on the dequantized cores, behind a
+quantize-dequantize of its input written as float arithmetic (Div, Round, Clip, Sub, Mul over every activation).
+The exporter now runs the low rank's first GEMM on the first core's integer codes (``MatMulIntegerToFloat``) and
+its second in float, and every other quantized TT layer as one integer GEMM on its rebuilt weight, re-quantized
+to 8 bits. This benchmark exports one saved candidate three ways (the earlier ones by switching those rewrites
+off), tests each on the run's test split and times them side by side at batch 1 and 32, 128 tokens, in one
+interleaved loop.
 """
 
 from __future__ import annotations
@@ -55,14 +57,26 @@ def main() -> None:
     test = Pipeline(config).teacher.encoded("test")
     model = freeze(load(cand).model).eval()
     chains = sum(onnx_quant._first_core_on_integers(m) for m in model.modules())
+    rebuilt = sum(onnx_quant._rebuilt_on_integers(m) for m in model.modules())
+
+    def earlier_rebuilt(m: torch.nn.Module) -> bool:  # the export before: only chains costlier than dense
+        return onnx_quant._integer_input_tt(m) and not onnx_quant._chain_is_cheaper(m)
+
+    exports = {  # name -> (low rank's first GEMM on integers, which other TT layers run as rebuilt integer GEMMs)
+        "all in float": (lambda m: False, lambda m: False),
+        "low rank on integers": (onnx_quant._first_core_on_integers, earlier_rebuilt),
+        "all on integers": (onnx_quant._first_core_on_integers, onnx_quant._rebuilt_on_integers),
+    }
     sessions: dict[str, Any] = {}
+    onnx_bytes: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        with mock.patch.object(onnx_quant, "_first_core_on_integers", lambda m: False):
-            onnx_quant.export_quantized_onnx(model, Path(tmp) / "float.onnx")
-        onnx_quant.export_quantized_onnx(model, Path(tmp) / "integer.onnx")
-        for name in ("float", "integer"):
-            sessions[name] = onnx_quant.ort_session(Path(tmp) / f"{name}.onnx", args.threads)
-        onnx_bytes = {name: (Path(tmp) / f"{name}.onnx").stat().st_size for name in sessions}
+        for i, (name, (first, rebuilt_rule)) in enumerate(exports.items()):
+            path = Path(tmp) / f"export{i}.onnx"
+            with mock.patch.object(onnx_quant, "_first_core_on_integers", first), \
+                    mock.patch.object(onnx_quant, "_rebuilt_on_integers", rebuilt_rule):
+                onnx_quant.export_quantized_onnx(model, path)
+            sessions[name] = onnx_quant.ort_session(path, args.threads)
+            onnx_bytes[name] = path.stat().st_size
     predictions = {name: onnx_quant.ort_predict(s, test).argmax(-1) for name, s in sessions.items()}
     ids = torch.randint(1000, 20000, (32, 128), generator=torch.Generator().manual_seed(0))
     feeds = {b: {"input_ids": ids[:b], "attention_mask": torch.ones(b, 128, dtype=torch.long),
@@ -75,27 +89,33 @@ def main() -> None:
                 onnx_quant.ort_logits(s, feed)
                 if rep >= 2:
                     times[(name, b)].append((time.perf_counter() - start) * 1000)
-    rows = [{"low-rank layers": name, "test_accuracy": float((predictions[name] == test.labels).float().mean()),
+    rows = [{"TT layers": name, "test_accuracy": float((predictions[name] == test.labels).float().mean()),
              "latency_ms_b1": statistics.median(times[(name, 1)]),
              "latency_ms_b32": statistics.median(times[(name, 32)]), "onnx_mb": onnx_bytes[name] / 1e6}
             for name in sessions]
-    agree = float((predictions["float"] == predictions["integer"]).float().mean())
-    speedup = {f"b{b}": rows[0][f"latency_ms_b{b}"] / rows[1][f"latency_ms_b{b}"] for b in feeds}
-    payload = {"candidate": str(cand), "low_rank_layers": chains, "rows": rows, "prediction_agreement": agree,
-               "speedup": speedup, "repeats": repeats}
-    md = f"""## ONNX export of low-rank layers (`benchmarks/bench_export.py`)
+    current = predictions["all on integers"]
+    agree = {name: float((p == current).float().mean()) for name, p in predictions.items()}
+    speedup = {name: {f"b{b}": row[f"latency_ms_b{b}"] / rows[-1][f"latency_ms_b{b}"] for b in feeds}
+               for name, row in zip(sessions, rows, strict=True)}
+    payload = {"candidate": str(cand), "low_rank_layers": chains, "rebuilt_layers": rebuilt, "rows": rows,
+               "prediction_agreement_with_current": agree, "speedup_of_current": speedup, "repeats": repeats}
+    earlier = speedup["low rank on integers"]
+    md = f"""## ONNX export of TT layers (`benchmarks/bench_export.py`)
 
-The candidate `{cand}` frozen and exported to ONNX twice. In one, its {chains} low-rank TT layers
-`(in, 1) x (1, out)` run in float (quantize-dequantize of the input as float arithmetic, two float GEMMs on
-the dequantized cores). In the other, the first GEMM runs on the first core's integer codes
-(`MatMulIntegerToFloat`) and the second in float. Test accuracy is on the run's test split. Latencies are
-medians of {repeats - 2} timed runs at 128 tokens, both models in one interleaved loop on onnxruntime with
-{args.threads} threads.
+The candidate `{cand}` frozen and exported to ONNX three ways. **All in float**: its {chains} low-rank TT
+layers `(in, 1) x (1, out)` and its {rebuilt} other TT layers run through their own forward (quantize-dequantize
+of the input as float arithmetic, float GEMMs on the dequantized cores). **Low rank on integers** (the export
+before this one): the low rank's first GEMM on the first core's integer codes (`MatMulIntegerToFloat`), its
+second in float; the other TT layers as before. **All on integers** (the current export): as well, every other
+TT layer as one integer GEMM on its rebuilt weight re-quantized to 8 bits. Test accuracy is on the run's test
+split. Latencies are medians of {repeats - 2} timed runs at 128 tokens, the three models in one interleaved loop
+on onnxruntime with {args.threads} threads.
 
-{markdown_table(rows, ["low-rank layers", "test_accuracy", "latency_ms_b1", "latency_ms_b32", "onnx_mb"])}
+{markdown_table(rows, ["TT layers", "test_accuracy", "latency_ms_b1", "latency_ms_b32", "onnx_mb"])}
 
-First GEMM on integers: **{speedup['b1']:.2f}x faster at batch 1, {speedup['b32']:.2f}x at batch 32**; the two
-exports agree on {agree:.2%} of the test predictions.
+The current export against the one before: **{earlier['b1']:.2f}x faster at batch 1, {earlier['b32']:.2f}x at
+batch 32**, agreeing on {agree['low rank on integers']:.2%} of the test predictions; against all in float
+{speedup['all in float']['b1']:.2f}x and {speedup['all in float']['b32']:.2f}x.
 """
     write_results("export", payload, md, quick=args.quick)
 

@@ -224,6 +224,23 @@ def test_quantized_tt_cores_are_stored_at_their_bits_and_multiplied_in_float(bit
         assert sum(o.weight_bytes for o in gemms) == float_bytes * bits / 32
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8, 32])
+def test_a_quantized_tt_layer_other_than_the_low_rank_is_modelled_as_one_integer_gemm(bits):
+    """The ONNX export runs a quantized TT layer as its chain only in the low rank ``(in, 1) x (1, out)``;
+    any other shape runs as one integer GEMM on its rebuilt weight, and is modelled so. In float (32 bits) a
+    cheaper chain stays a chain."""
+    lopsided = LinearCompression(factor="tt", tt_in_modes=(384, 2, 2), tt_out_modes=(2, 2, 96), tt_ranks=(32, 32),
+                                 bits=bits)
+    low_rank = LinearCompression(factor="tt", tt_in_modes=(384, 1), tt_out_modes=(1, 384), tt_ranks=(32,), bits=bits)
+    gemms = [o for o in linear_ops(16, 1536, 384, lopsided, name="lopsided") if o.kind == "gemm"]
+    if bits <= 8:
+        assert [(o.m, o.k, o.n, o.bits) for o in gemms] == [(16, 1536, 384, bits)]
+    else:
+        assert len(gemms) == 3 and all(o.bits == 32 for o in gemms)
+    assert len([o for o in linear_ops(16, 384, 384, low_rank) if o.kind == "gemm"]) == 2
+    assert tt_runs_dense(lopsided) == (bits <= 8) and not tt_runs_dense(low_rank)
+
+
 @settings(max_examples=40, deadline=None)
 @given(modes=st.lists(st.tuples(st.integers(2, 6), st.integers(2, 6)), min_size=2, max_size=4),
        rank=st.integers(1, 40), tokens=st.integers(1, 64))

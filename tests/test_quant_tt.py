@@ -15,8 +15,9 @@ from fitformer.compress import CompressionPlan, apply_plan
 from fitformer.compress.quant import QuantPlan, calibrate, freeze, quantize
 from fitformer.compress.tt import TTEmbeddingPlan, TTPlan
 from fitformer.errors import UserError
-from fitformer.export.onnx_quant import compare_with_torch, export_quantized_onnx, ort_session
+from fitformer.export.onnx_quant import _rebuilt_on_integers, compare_with_torch, export_quantized_onnx, ort_session
 from fitformer.export.quantized import load_quantized, save_quantized
+from fitformer.hardware import LinearCompression, tt_runs_dense
 from fitformer.layers.planner import Planner, unfused_chain
 from fitformer.layers.quant import (
     QuantLinear,
@@ -202,13 +203,13 @@ BALANCED = {"*.intermediate.dense": TTPlan((4, 8), (8, 8), max_rank=4, num_cores
 @pytest.mark.parametrize("fmt", ["integer", "qdq"])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("shapes", [LOW_RANK, LOPSIDED, BALANCED], ids=["low_rank", "lopsided", "balanced"])
-def test_low_rank_tt_exports_its_first_gemm_on_integer_codes(tmp_path, fmt, symmetric, shapes):
+def test_quantized_tt_layers_export_on_integer_codes(tmp_path, fmt, symmetric, shapes):
     """A quantized low-rank TT ``(in, 1) x (1, out)`` with float intermediates (what the size search picks for
     most linears) exports its first GEMM on the first core's integer codes and the input's, its second in
-    float, with no float quantization arithmetic and no copies left; a TT whose chain costs more than the
-    dense GEMM (the uniform baseline's balanced shapes) exports as one integer GEMM on its rebuilt weight; a
-    lopsided 3-core TT, whose first core would need the input transposed, keeps its own forward. All match
-    PyTorch."""
+    float; any other quantized TT (a lopsided 3-core one, whose first core would need the input transposed,
+    or one whose chain costs more than the dense GEMM, as the uniform baseline's balanced shapes) exports as
+    one integer GEMM on its rebuilt weight. No float quantization arithmetic and no copies are left, and all
+    match PyTorch."""
     torch.manual_seed(0)
     plan = CompressionPlan(layers={k: [v] for k, v in shapes.items()})
     model = apply_plan(BertForSequenceClassification(tiny_bert_config()).eval(), plan)
@@ -222,12 +223,16 @@ def test_low_rank_tt_exports_its_first_gemm_on_integer_codes(tmp_path, fmt, symm
     tt = sum(isinstance(m, QuantTTLinear) for m in frozen.modules())
     linears = sum(isinstance(m, QuantLinear) for m in frozen.modules())
     assert tt == 2 * frozen.config.num_hidden_layers
-    integer = shapes is not LOPSIDED
-    assert info["layers"] == linears + tt * integer
-    assert ("Round" in nodes) != integer  # the TT input's quantization in float arithmetic, or none
+    assert info["layers"] == linears + tt
+    assert "Round" not in nodes  # no input quantization in float arithmetic
     if fmt == "integer":
         assert nodes.count("MatMulIntegerToFloat") == info["layers"]
     tt_ops = {n.op_type for n in graph.node if "intermediate" in n.name or "output/dense" in n.name}
-    assert ("Transpose" in tt_ops) != integer
+    assert "Transpose" not in tt_ops
+    for m in frozen.modules():  # the cost model counts each layer as the export runs it
+        if isinstance(m, QuantTTLinear):
+            comp = LinearCompression(factor="tt", tt_in_modes=tuple(m.in_modes), tt_out_modes=tuple(m.out_modes),
+                                     tt_ranks=tuple(m.ranks[1:-1]), bits=4)
+            assert tt_runs_dense(comp) == _rebuilt_on_integers(m) == (shapes is not LOW_RANK)
     gap = compare_with_torch(frozen, ort_session(tmp_path / "tt.onnx", threads=1), [_batch(s) for s in range(3)])
     assert gap["max_abs_diff"] <= 1e-2 and gap["prediction_agreement"] == 1.0

@@ -13,9 +13,10 @@ the graph is then rewritten so each quantized layer runs on its integer codes wi
   integer kernels itself.
 - embeddings gather int8 rows and dequantize only those rows.
 - a low-rank TT layer (modes ``(in, 1) x (1, out)``, float intermediates) runs its first core's GEMM as a
-  quantized linear on that core's codes and its second in float (:class:`_ChainExport`); a TT layer whose
-  chain costs more than the dense GEMM (the planner then rebuilds the weight) runs as an integer GEMM on its
-  rebuilt weight re-quantized to 8 bits; other TT layers export through their own forward.
+  quantized linear on that core's codes and its second in float (:class:`_ChainExport`); any other quantized
+  TT layer with 8-bit inputs (a lopsided shape such as ``384x2x2-2x2x96``, or a chain that costs more than
+  the dense GEMM) runs as an integer GEMM on its rebuilt weight re-quantized to 8 bits; other TT layers
+  export through their own forward.
 
 Quantized layers are found in the float graph by the exact bytes of their dequantized weight (as it is or
 transposed), so the rewrite does not depend on the exporter's names.
@@ -147,14 +148,18 @@ def _chain_is_cheaper(m: QuantTTLinear) -> bool:
 
 def _rebuilt_on_integers(m: nn.Module) -> bool:
     """Whether a frozen TT layer exports as an integer GEMM on its rebuilt weight (:func:`_rebuilt_export`):
-    a quantized TT-matrix linear with 8-bit inputs and float intermediates whose chain does at least the
-    dense GEMM's arithmetic, such as the balanced ``6x8x8`` shapes of HEAT's uniform baseline at rank ~30.
+    a quantized TT-matrix linear with 8-bit inputs and float intermediates that is not exported as the low
+    rank's chain (:func:`_first_core_on_integers`): a chain that does at least the dense GEMM's arithmetic,
+    such as the balanced ``6x8x8`` shapes of HEAT's uniform baseline at rank ~30, or a lopsided one such as
+    ``384x2x2-2x2x96``.
 
-    Why: the planner never runs such a chain; it rebuilds the dense weight, and exported through its own
-    forward the layer became one float GEMM on that weight behind a float fake-quantization of its input
-    (on the size run's uniform baseline at batch 32: 37 float GEMMs, 326 ms, and 110 ms of element-wise
-    quantization ops, where the cost model counts one integer GEMM per layer)."""
-    return _integer_input_tt(m) and not _chain_is_cheaper(m)
+    Why: through its own forward such a layer quantizes its input in float arithmetic and runs its whole
+    chain in float on dequantized cores, with a transpose before each core. On the size run's uniform
+    baseline at batch 32 that was 37 float GEMMs on rebuilt weights (326 ms) and 110 ms of element-wise
+    quantization ops where the cost model counts one integer GEMM per layer; as integer GEMMs the model ran
+    3.7x faster. On the size run's chosen model, its five lopsided rank-32 layers as integer GEMMs ran the
+    model 1.2-1.3x faster at batch 32, every test prediction unchanged (``benchmarks/bench_export.py``)."""
+    return _integer_input_tt(m) and not _first_core_on_integers(m)
 
 
 @torch.no_grad()
@@ -182,8 +187,8 @@ def _first_core_on_integers(m: nn.Module) -> bool:
 
     Why not every chain: a lopsided core such as ``384x2x2`` first needs the input transposed so that its
     384-wide mode comes last, a full copy of the activation; on the size run's model, rewriting its five
-    such layers as well ran no faster (257 against 248 ms at batch 32) than leaving them to their own forward,
-    which the planner runs without that copy."""
+    such layers as well ran no faster (257 against 248 ms at batch 32) than leaving them to their own forward.
+    Such layers run as integer GEMMs on their rebuilt weights instead (:func:`_rebuilt_on_integers`)."""
     return _integer_input_tt(m) and all(i == 1 for i in m.in_modes[1:]) and _chain_is_cheaper(m)
 
 

@@ -203,11 +203,11 @@ def tt_linear_ops(tokens: int, comp: LinearCompression, name: str = "") -> list[
     K = r_{i-1} m_i, N = n_i r_i. Each step is preceded by a permutation copy that brings (m_i, r_{i-1})
     to the last axis.
 
-    The cores are stored at ``comp.bits`` but multiplied in float: a TT layer keeps float intermediates, so a
-    quantized one runs its chain on dequantized cores, in PyTorch and in onnxruntime alike. The exception is
-    a chain whose first core meets the input as it is (input modes ``(in, 1, ..)``, the low rank): at 8 bits
-    or fewer the ONNX export runs that first GEMM on integers, 8-bit input times the core's codes
-    (``fitformer.export.onnx_quant``).
+    The cores are stored at ``comp.bits`` but multiplied in float: a TT layer keeps float intermediates, so
+    its chain runs on dequantized cores. The exception is a chain whose first core meets the input as it is
+    (input modes ``(in, 1, ..)``, the low rank): at 8 bits or fewer the ONNX export runs that first GEMM on
+    integers, 8-bit input times the core's codes (``fitformer.export.onnx_quant``). A quantized layer of any
+    other shape runs as the dense GEMM instead (:func:`tt_runs_dense`).
     """
     ins, outs = comp.tt_in_modes, comp.tt_out_modes
     ranks = (1, *comp.tt_ranks, 1)
@@ -223,11 +223,18 @@ def tt_linear_ops(tokens: int, comp: LinearCompression, name: str = "") -> list[
 
 
 def tt_runs_dense(comp: LinearCompression) -> bool:
-    """Whether a TT layer's chain does more arithmetic than the dense GEMM it replaces; the planner then runs
-    the dense weight, reconstructed once (:class:`fitformer.layers.Planner` never picks such a chain), so
-    that is what the device does. Both grow with the token count, so the answer does not depend on it."""
+    """Whether a TT layer runs as the dense GEMM it replaces (the weight rebuilt once) rather than as its chain:
+
+    - a chain that does more arithmetic than the dense GEMM: :class:`fitformer.layers.Planner` never picks
+      it. Both grow with the token count, so the answer does not depend on it;
+    - a quantized chain (8 bits or fewer) that is not the low rank ``(in, 1, ..) x (.., out)``: the ONNX
+      export runs it as one integer GEMM on its rebuilt weight, since its chain would run in float on
+      dequantized cores (``fitformer.export.onnx_quant``)."""
     chain = sum(op.flops for op in tt_linear_ops(1, comp) if op.kind == "gemm")
-    return chain > 2 * math.prod(comp.tt_in_modes) * math.prod(comp.tt_out_modes)
+    dense = 2 * math.prod(comp.tt_in_modes) * math.prod(comp.tt_out_modes)
+    if comp.bits <= 8:  # as the ONNX export decides (onnx_quant._first_core_on_integers)
+        return chain >= dense or not all(m == 1 for m in comp.tt_in_modes[1:])
+    return chain > dense
 
 
 def linear_ops(tokens: int, in_features: int, out_features: int, comp: LinearCompression = DENSE,
