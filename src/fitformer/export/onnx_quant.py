@@ -158,7 +158,7 @@ def _rebuilt_on_integers(m: nn.Module) -> bool:
     baseline at batch 32 that was 37 float GEMMs on rebuilt weights (326 ms) and 110 ms of element-wise
     quantization ops where the cost model counts one integer GEMM per layer; as integer GEMMs the model ran
     3.7x faster. On the size run's chosen model, its five lopsided rank-32 layers as integer GEMMs ran the
-    model 1.2-1.3x faster at batch 32, every test prediction unchanged (``benchmarks/bench_export.py``)."""
+    model 1.20-1.34x faster at batch 32, its test accuracy unchanged (``benchmarks/bench_export.py``)."""
     return _integer_input_tt(m) and not _first_core_on_integers(m)
 
 
