@@ -31,6 +31,7 @@ from fitformer.config import RunConfig  # noqa: E402
 from fitformer.errors import UserError  # noqa: E402
 from fitformer.export import load, onnx_quant  # noqa: E402
 from fitformer.io import read_json  # noqa: E402
+from fitformer.layers.tensorize import runs_rebuilt  # noqa: E402
 from fitformer.pipeline import Pipeline  # noqa: E402
 
 DEFAULT_RUN = Path("runs/bench-compress-thorough/size")
@@ -60,7 +61,7 @@ def main() -> None:
     rebuilt = sum(onnx_quant._rebuilt_on_integers(m) for m in model.modules())
 
     def earlier_rebuilt(m: torch.nn.Module) -> bool:  # the export before: only chains costlier than dense
-        return onnx_quant._integer_input_tt(m) and not onnx_quant._chain_is_cheaper(m)
+        return onnx_quant._integer_input_tt(m) and runs_rebuilt(m.in_modes, m.out_modes, m.ranks, quantized=False)
 
     exports = {  # name -> (low rank's first GEMM on integers, which other TT layers run as rebuilt integer GEMMs)
         "all in float": (lambda m: False, lambda m: False),

@@ -50,7 +50,7 @@ from ..data.tokenize import EncodedDataset
 from ..errors import UserError
 from ..io import atomic_path
 from ..layers.quant import QuantEmbedding, QuantLinear, QuantModule, QuantTTLinear, _QuantTT
-from ..layers.tensorize import chain_ops
+from ..layers.tensorize import runs_rebuilt
 from ..models.hf import eager_attention
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -139,13 +139,6 @@ def _integer_input_tt(m: nn.Module) -> bool:
             and math.prod(m.out_modes) == m.out_features)
 
 
-def _chain_is_cheaper(m: QuantTTLinear) -> bool:
-    """Whether the layer's chain (left to right, as the cost model counts it) does less arithmetic than the
-    dense GEMM it replaces."""
-    chain = sum(op["flops"] for op in chain_ops(m.in_modes, m.out_modes, m.ranks, 1, "ltr"))
-    return chain < 2 * m.in_features * m.out_features
-
-
 def _rebuilt_on_integers(m: nn.Module) -> bool:
     """Whether a frozen TT layer exports as an integer GEMM on its rebuilt weight (:func:`_rebuilt_export`):
     a quantized TT-matrix linear with 8-bit inputs and float intermediates that is not exported as the low
@@ -159,7 +152,7 @@ def _rebuilt_on_integers(m: nn.Module) -> bool:
     quantization ops where the cost model counts one integer GEMM per layer; as integer GEMMs the model ran
     3.7x faster. On the size run's chosen model, its five lopsided rank-32 layers as integer GEMMs ran the
     model 1.20-1.34x faster at batch 32, its test accuracy unchanged (``benchmarks/bench_export.py``)."""
-    return _integer_input_tt(m) and not _first_core_on_integers(m)
+    return _integer_input_tt(m) and runs_rebuilt(m.in_modes, m.out_modes, m.ranks, quantized=True)
 
 
 @torch.no_grad()
@@ -189,7 +182,7 @@ def _first_core_on_integers(m: nn.Module) -> bool:
     384-wide mode comes last, a full copy of the activation; on the size run's model, rewriting its five
     such layers as well ran no faster (257 against 248 ms at batch 32) than leaving them to their own forward.
     Such layers run as integer GEMMs on their rebuilt weights instead (:func:`_rebuilt_on_integers`)."""
-    return _integer_input_tt(m) and all(i == 1 for i in m.in_modes[1:]) and _chain_is_cheaper(m)
+    return _integer_input_tt(m) and not runs_rebuilt(m.in_modes, m.out_modes, m.ranks, quantized=True)
 
 
 class _ChainExport(nn.Module):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..layers.tensorize import runs_rebuilt
 
 OP_KINDS = ("gemm", "bmm", "softmax", "layernorm", "elementwise", "embedding", "dispatch")
 SPARSE_FORMATS = ("", "unstructured", "2:4", "block", "hp")
@@ -224,17 +225,11 @@ def tt_linear_ops(tokens: int, comp: LinearCompression, name: str = "") -> list[
 
 def tt_runs_dense(comp: LinearCompression) -> bool:
     """Whether a TT layer runs as the dense GEMM it replaces (the weight rebuilt once) rather than as its chain:
-
-    - a chain that does more arithmetic than the dense GEMM: :class:`fitformer.layers.Planner` never picks
-      it. Both grow with the token count, so the answer does not depend on it;
-    - a quantized chain (8 bits or fewer) that is not the low rank ``(in, 1, ..) x (.., out)``: the ONNX
-      export runs it as one integer GEMM on its rebuilt weight, since its chain would run in float on
-      dequantized cores (``fitformer.export.onnx_quant``)."""
-    chain = sum(op.flops for op in tt_linear_ops(1, comp) if op.kind == "gemm")
-    dense = 2 * math.prod(comp.tt_in_modes) * math.prod(comp.tt_out_modes)
-    if comp.bits <= 8:  # as the ONNX export decides (onnx_quant._first_core_on_integers)
-        return chain >= dense or not all(m == 1 for m in comp.tt_in_modes[1:])
-    return chain > dense
+    a chain that does more arithmetic than the dense GEMM (:class:`fitformer.layers.Planner` never picks it;
+    both grow with the token count, so the answer does not depend on it), or a quantized chain (8 bits or
+    fewer) other than the low rank ``(in, 1, ..) x (.., out)``, which the ONNX export runs as one integer GEMM
+    on its rebuilt weight (:func:`fitformer.layers.tensorize.runs_rebuilt`, the rule both share)."""
+    return runs_rebuilt(comp.tt_in_modes, comp.tt_out_modes, (1, *comp.tt_ranks, 1), quantized=comp.bits <= 8)
 
 
 def linear_ops(tokens: int, in_features: int, out_features: int, comp: LinearCompression = DENSE,

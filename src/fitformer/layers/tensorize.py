@@ -188,6 +188,22 @@ def tt_flops(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[
     return sum(int(op["flops"]) for op in chain_ops(in_modes, out_modes, ranks, tokens, direction))
 
 
+def runs_rebuilt(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], quantized: bool) -> bool:
+    """Whether a TT-matrix layer runs as the dense GEMM on its rebuilt weight rather than as its chain (the
+    one rule the cost model and the ONNX export share; ``ranks`` with their boundary 1s).
+
+    In float, when the left-to-right chain does more arithmetic than the dense GEMM: the planner never picks
+    such a chain. Quantized (8-bit inputs, float intermediates), unless the layer is the low rank
+    ``(in, 1, ..)`` whose chain is cheaper: the export runs only that chain's first GEMM on integers, and any
+    other chain would run in float on dequantized cores, so it becomes one integer GEMM on the rebuilt weight.
+    """
+    chain = tt_flops(in_modes, out_modes, ranks, 1, "ltr")
+    dense = 2 * prod(in_modes) * prod(out_modes)
+    if quantized:
+        return chain >= dense or any(m != 1 for m in in_modes[1:])
+    return chain > dense
+
+
 def tt_bytes(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], tokens: int = 1,
              direction: str = "rtl", itemsize: int = 4) -> int:
     """Bytes moved by the unfused GEMM chain (each operand read once, each result written once)."""
