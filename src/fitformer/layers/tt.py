@@ -103,6 +103,18 @@ def _resolve_modes(features: int, modes: Sequence[int] | None, num_cores: int) -
     return tuple(int(m) for m in modes) if modes is not None else balanced_modes(features, num_cores)
 
 
+def _checked_shape(layer: str, rows: int, cols: int, row_modes: Sequence[int] | None,
+                   col_modes: Sequence[int] | None, num_cores: int = 3) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The modes of a ``rows x cols`` TT-matrix: as given, or a balanced factorization with as many cores as
+    the other side has (``num_cores`` when neither is given); a clear error when they do not multiply out."""
+    if rows < 1 or cols < 1:
+        raise UserError(f"{layer} needs positive sizes, got {rows} x {cols}")
+    d = len(row_modes) if row_modes is not None else len(col_modes) if col_modes is not None else num_cores
+    row_modes, col_modes = _resolve_modes(rows, row_modes, d), _resolve_modes(cols, col_modes, d)
+    validate_shape(rows, cols, row_modes, col_modes)
+    return row_modes, col_modes
+
+
 class _TTBase(nn.Module):
     """Cores, hooks and shared bookkeeping of the TT layers."""
 
@@ -164,12 +176,7 @@ class TTLinear(_TTBase):
                  out_modes: Sequence[int] | None = None, ranks: int | Sequence[int] = 8, bias: bool = True,
                  planner: Planner | None = None, device=None, dtype=None) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise UserError(f"TTLinear needs positive sizes, got {in_features} x {out_features}")
-        d = len(in_modes) if in_modes is not None else len(out_modes) if out_modes is not None else 3
-        in_modes = _resolve_modes(in_features, in_modes, d)
-        out_modes = _resolve_modes(out_features, out_modes, d)
-        validate_shape(in_features, out_features, in_modes, out_modes)
+        in_modes, out_modes = _checked_shape("TTLinear", in_features, out_features, in_modes, out_modes)
         self.in_features, self.out_features = in_features, out_features
         self.in_modes, self.out_modes = in_modes, out_modes
         self._init_cores(in_modes, out_modes, bond_ranks(in_modes, out_modes, ranks), 1.0 / (3 * in_features),
@@ -280,10 +287,8 @@ class TTLinear(_TTBase):
         Without ``max_rank`` and ``rel_error`` the ranks are full and the layer reproduces ``linear``."""
         if not isinstance(linear, nn.Linear):
             raise UserError(f"TTLinear.from_linear needs an nn.Linear, got {type(linear).__name__}")
-        d = len(in_modes) if in_modes is not None else len(out_modes) if out_modes is not None else num_cores
-        in_modes = _resolve_modes(linear.in_features, in_modes, d)
-        out_modes = _resolve_modes(linear.out_features, out_modes, d)
-        validate_shape(linear.in_features, linear.out_features, in_modes, out_modes)
+        in_modes, out_modes = _checked_shape("TTLinear", linear.in_features, linear.out_features, in_modes,
+                                             out_modes, num_cores)
         w = linear.weight.detach().t()
         padded = w.new_zeros(prod(in_modes), prod(out_modes))
         padded[: linear.in_features, : linear.out_features] = w
@@ -326,12 +331,8 @@ class TTEmbedding(_TTBase):
                  hidden_modes: Sequence[int] | None = None, ranks: int | Sequence[int] = 16,
                  padding_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise UserError(f"TTEmbedding needs positive sizes, got {num_embeddings} x {embedding_dim}")
-        d = len(vocab_modes) if vocab_modes is not None else len(hidden_modes) if hidden_modes is not None else 3
-        vocab_modes = _resolve_modes(num_embeddings, vocab_modes, d)
-        hidden_modes = _resolve_modes(embedding_dim, hidden_modes, d)
-        validate_shape(num_embeddings, embedding_dim, vocab_modes, hidden_modes)
+        vocab_modes, hidden_modes = _checked_shape("TTEmbedding", num_embeddings, embedding_dim, vocab_modes,
+                                                   hidden_modes)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.vocab_modes, self.hidden_modes = vocab_modes, hidden_modes
         self._init_cores(vocab_modes, hidden_modes, bond_ranks(vocab_modes, hidden_modes, ranks), 1.0, device, dtype)
@@ -414,11 +415,8 @@ class TTEmbedding(_TTBase):
         """TT-SVD of an embedding table; ``reconstruction_error`` holds the relative Frobenius error."""
         if not isinstance(embedding, nn.Embedding):
             raise UserError(f"TTEmbedding.from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
-        d = len(vocab_modes) if vocab_modes is not None else len(hidden_modes) if hidden_modes is not None \
-            else num_cores
-        vocab_modes = _resolve_modes(embedding.num_embeddings, vocab_modes, d)
-        hidden_modes = _resolve_modes(embedding.embedding_dim, hidden_modes, d)
-        validate_shape(embedding.num_embeddings, embedding.embedding_dim, vocab_modes, hidden_modes)
+        vocab_modes, hidden_modes = _checked_shape("TTEmbedding", embedding.num_embeddings, embedding.embedding_dim,
+                                                   vocab_modes, hidden_modes, num_cores)
         w = embedding.weight.detach()
         padded = w.new_zeros(prod(vocab_modes), prod(hidden_modes))
         padded[: embedding.num_embeddings, : embedding.embedding_dim] = w
