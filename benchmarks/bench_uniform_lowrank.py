@@ -28,7 +28,7 @@ from fitformer.config import build_config  # noqa: E402
 from fitformer.errors import UserError  # noqa: E402
 from fitformer.io import read_json, write_json_atomic  # noqa: E402
 from fitformer.pipeline import Pipeline, _plan_for  # noqa: E402
-from fitformer.search.space import CandidateSpec  # noqa: E402
+from fitformer.search.space import CandidateSpec, largest_rank_within  # noqa: E402
 
 BITS = 4
 
@@ -41,13 +41,15 @@ def uniform_lowrank(chosen: CandidateSpec, rank: int) -> CandidateSpec:
 
 
 def largest_rank(chosen: CandidateSpec) -> int:
-    """The largest rank whose file is no larger than ``chosen``'s (sizes grow with the rank)."""
-    target = chosen.file_bytes()
-    fits = [r for r in range(1, min(chosen.arch.hidden_size, min(x.in_features for x in chosen.layers)) + 1)
-            if uniform_lowrank(chosen, r).file_bytes() <= target]
-    if not fits:
+    """The largest rank whose file is no larger than ``chosen``'s."""
+    def build(rank: int) -> CandidateSpec:
+        return uniform_lowrank(chosen, rank)
+
+    high = min(min(x.in_features, x.out_features) for x in chosen.layers)
+    rank = largest_rank_within(build, chosen.file_bytes(), high)
+    if build(rank).file_bytes() > chosen.file_bytes():
         raise UserError("no single low rank fits the chosen plan's file size")
-    return fits[-1]
+    return rank
 
 
 def run(plan_from: Path, work: Path, minutes: float, epochs: float) -> dict[str, Any]:
@@ -55,9 +57,10 @@ def run(plan_from: Path, work: Path, minutes: float, epochs: float) -> dict[str,
     pipeline = Pipeline(config, log=lambda m: print(m, flush=True))
     chosen = CandidateSpec.from_dict(read_json(plan_from / "candidates.json")[0]["spec"])
     rank = largest_rank(chosen)
-    spec = uniform_lowrank(chosen, rank).to_dict()
-    print(f"uniform low rank {rank} at {BITS} bits: {uniform_lowrank(chosen, rank).file_bytes():,} predicted "
-          f"bytes, the chosen plan {chosen.file_bytes():,}", flush=True)
+    uniform = uniform_lowrank(chosen, rank)
+    spec = uniform.to_dict()
+    print(f"uniform low rank {rank} at {BITS} bits: {uniform.file_bytes():,} predicted bytes, the chosen plan "
+          f"{chosen.file_bytes():,}", flush=True)
     cand = {"key": f"lowrank{rank}", "spec": spec, "plan": _plan_for(spec, pipeline.shape).to_dict()}
     write_json_atomic(pipeline.run.file("candidates.json"), [cand])
     started = time.time()
@@ -110,8 +113,8 @@ def main() -> None:
     row = read_json(args.collect / "experiment.json") if args.collect else \
         run(args.plan_from, args.work, args.minutes, args.epochs)
     rows = [chosen_row(args.plan_from),
-            {"plan": f"uniform low rank {row['rank']}", **{k: row[k] for k in ("test_accuracy", "size_bytes")},
-             "validation": row["validation"], "steps": row["steps"]}]
+            {"plan": f"uniform low rank {row['rank']}",
+             **{k: row[k] for k in ("test_accuracy", "size_bytes", "validation", "steps")}}]
     write_results("allocation", {"plan_from": str(args.plan_from), "rows": rows, "uniform": row},
                   markdown(args.plan_from, rows))
 

@@ -638,3 +638,20 @@ def test_predicted_file_bytes_match_the_saved_file(tmp_path, seed):
     names, _ = spec.stored_tensors()
     assert set(names) == saved and len(names) == len(saved)
     assert spec.file_bytes() + rest == pytest.approx(path.stat().st_size, rel=0.01)
+
+
+@given(st.integers(1, 400), st.integers(1, 200))
+def test_largest_rank_within_is_the_last_rank_that_fits(limit, high):
+    from types import SimpleNamespace
+
+    from fitformer.search.space import largest_rank_within
+
+    def build(rank):  # a plan whose file grows with its rank, as every plan's does
+        return SimpleNamespace(file_bytes=lambda: 3 * rank + 10)
+
+    rank = largest_rank_within(build, limit, high)
+    assert 1 <= rank <= high
+    if build(rank).file_bytes() <= limit:
+        assert rank == high or build(rank + 1).file_bytes() > limit
+    else:
+        assert rank == 1

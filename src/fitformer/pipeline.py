@@ -360,7 +360,7 @@ class Pipeline:
         from collections import Counter
         from dataclasses import replace
 
-        from .search.space import CandidateSpec, default_tt_shapes
+        from .search.space import CandidateSpec, default_tt_shapes, largest_rank_within
 
         shape = self.shape
         first = self._primary_search()
@@ -379,10 +379,7 @@ class Pipeline:
                 layers.append(replace(x, format="tt", rank=rank, in_modes=in_modes, out_modes=out_modes, bits=bits))
             return replace(dense, layers=tuple(layers), embedding=chosen.embedding, side_params=chosen.side_params)
 
-        low, high = 1, max(shape.hidden_size, shape.intermediate_size)
-        while low < high:  # largest rank whose size stays within the chosen model's (sizes grow with rank)
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if uniform(mid).file_bytes() <= target else (low, mid - 1)
+        low = largest_rank_within(uniform, target, max(shape.hidden_size, shape.intermediate_size))
         spec = uniform(low).to_dict()
         cand = {"key": "uniform", "spec": spec, "plan": _plan_for(spec, shape).to_dict()}
         self._train(cand, "distill/uniform")

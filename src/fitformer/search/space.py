@@ -318,6 +318,16 @@ class Gene:
         return len(self.choices)
 
 
+def largest_rank_within(build: Callable[[int], CandidateSpec], limit_bytes: float, high: int) -> int:
+    """The largest rank in ``1..high`` whose plan ``build(rank)`` keeps its file within ``limit_bytes`` (1 when
+    none does), by bisection: a plan's size grows with its rank."""
+    low = 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if build(mid).file_bytes() <= limit_bytes else (low, mid - 1)
+    return low
+
+
 def tt_ranks(d: int, rank: int, in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[int, ...]:
     """Bond ranks (r_0 = r_d = 1) of a TT-matrix, each clipped to the largest rank its unfolding admits."""
     return bond_ranks(in_modes, out_modes, rank)
