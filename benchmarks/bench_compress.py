@@ -232,6 +232,9 @@ def main() -> None:
     p.add_argument("--ema-decay", type=float, default=None, help="Decay of the moving average of the weights "
                    "that is validated and shipped, as RunConfig's distill_ema_decay (default 0.99; 0: the raw "
                    "weights).")
+    p.add_argument("--fisher-examples", type=int, default=None, help="Training examples whose teacher gradients "
+                   "weigh a TT word embedding's rows in the refit, as RunConfig's refit_fisher_examples (default "
+                   "2048; 0: token counts only).")
     p.add_argument("--schedule", default=None, help="Distillation schedule, as RunConfig's distill_schedule "
                    "(default: the preset's; docs/distillation.md).")
     p.add_argument("--candidates", type=int, default=None, help="Candidates distilled per run (default: preset); "
@@ -274,6 +277,8 @@ def main() -> None:
         overrides["distill_temperature"] = args.temperature
     if args.ema_decay is not None:
         overrides["distill_ema_decay"] = args.ema_decay
+    if args.fisher_examples is not None:
+        overrides["refit_fisher_examples"] = args.fisher_examples
     if args.schedule is not None:
         overrides["distill_schedule"] = args.schedule
     if args.candidates is not None:

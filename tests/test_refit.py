@@ -6,7 +6,15 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from fitformer.compress import CompressionPlan, TTEmbeddingPlan, apply_plan, refit_factorized, tt_plan_for_model
+from fitformer.compress import (
+    CompressionPlan,
+    TTEmbeddingPlan,
+    apply_plan,
+    embedding_fisher,
+    fisher_row_weights,
+    refit_factorized,
+    tt_plan_for_model,
+)
 from fitformer.errors import UserError
 from fitformer.layers import TTLinear
 from fitformer.models import tiny_bert_config
@@ -77,3 +85,60 @@ def test_refit_stops_at_its_time_budget(teacher):
                               embedding_steps=150, max_seconds=1e-9)  # spent before the first step
     assert set(report.after) == set(plan.layers) and report.after == report.before
     assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+
+
+def test_embedding_fisher_is_each_rows_squared_loss_gradient_and_leaves_the_model_alone(teacher):
+    data = batches(teacher.config.vocab_size, 2)
+    fisher, seen = embedding_fisher(teacher, data)
+    expected = torch.zeros(teacher.config.vocab_size, dtype=torch.float64)
+    for b in data:  # the same gradient through inputs_embeds, the rows looked up by hand
+        rows = teacher.get_input_embeddings()(b["input_ids"]).detach().requires_grad_()
+        logits = teacher(inputs_embeds=rows, attention_mask=b["attention_mask"],
+                         token_type_ids=b["token_type_ids"]).logits
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum"), rows)
+        mask = b["attention_mask"].bool()
+        expected.index_add_(0, b["input_ids"][mask], grad.pow(2).sum(-1)[mask].double())
+    torch.testing.assert_close(fisher, expected, rtol=1e-4, atol=1e-10)
+    counts = sum(torch.bincount(b["input_ids"][b["attention_mask"].bool()], minlength=len(seen)) for b in data)
+    assert torch.equal(seen, counts.double()) and float(fisher.sum()) > 0
+    assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
+    with pytest.raises(UserError, match="labels"):
+        embedding_fisher(teacher, [{k: v for k, v in data[0].items() if k != "labels"}])
+
+
+def test_fisher_row_weights_scale_counts_and_fall_back_to_the_mean():
+    counts = torch.tensor([0, 4, 2, 3])
+    fisher = torch.tensor([0.0, 8.0, 0.5, 0.0])
+    seen = torch.tensor([0.0, 2.0, 1.0, 0.0])  # id 3 occurs in the text but not in the Fisher sample
+    weights = fisher_row_weights(counts, fisher, seen)
+    mean = 8.5 / 3
+    torch.testing.assert_close(weights, torch.tensor([0.0, 4 * (8 + mean) / 3, 2 * (0.5 + mean) / 2, 3 * mean],
+                                                     dtype=torch.float64))
+    with pytest.raises(UserError, match="one entry per id"):
+        fisher_row_weights(counts, fisher[:3], seen)
+
+
+def test_row_weights_steer_the_embedding_refit_and_are_checked(teacher):
+    vocab = teacher.config.vocab_size
+    data = batches(vocab)
+    counts = sum(torch.bincount(b["input_ids"][b["attention_mask"].bool()], minlength=vocab) for b in data)
+    favoured = counts.nonzero().squeeze(1)[:5]
+    weights = counts.double().clone()
+    weights[favoured] *= 1000  # the rows a task depends on most
+
+    def favoured_error(row_weights):
+        plan = CompressionPlan(layers={"bert.embeddings.word_embeddings": [TTEmbeddingPlan(max_rank=2)]})
+        student = apply_plan(teacher, plan)
+        refit_factorized(student, teacher, data, steps=0, embedding_steps=200, token_counts=counts,
+                         row_weights=row_weights)
+        table, target = student.get_input_embeddings().weight, teacher.get_input_embeddings().weight
+        with torch.no_grad():
+            return float((table[favoured] - target[favoured]).norm() / target[favoured].norm())
+
+    assert favoured_error(weights) < favoured_error(None)
+    student = apply_plan(teacher, CompressionPlan(layers={"bert.embeddings.word_embeddings":
+                                                          [TTEmbeddingPlan(max_rank=2)]}))
+    with pytest.raises(UserError, match="row_weights has"):
+        refit_factorized(student, teacher, data, row_weights=weights[:-1])
+    with pytest.raises(UserError, match="non-negative"):
+        refit_factorized(student, teacher, data, row_weights=-weights)

@@ -85,6 +85,7 @@ class Pipeline:
         self._dataset = dataset
         self._weight_proxy = None
         self._encoder_shape = None
+        self._fisher: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ shared pieces
     @property
@@ -300,6 +301,7 @@ class Pipeline:
         from safetensors.torch import load_file
 
         from .compress import CompressionPlan, apply_plan, refit_factorized
+        from .layers import TTEmbedding
 
         plan = CompressionPlan.from_dict(cand["plan"])
         if weights is not None or not self.config.refit_steps:
@@ -313,14 +315,34 @@ class Pipeline:
         student = apply_plan(self.teacher.model, factorize)
         train = self.teacher.encoded("train")
         calibration = train.select(range(min(256, len(train)))).batches(32)
+        counts = train.token_counts(self.teacher.model.config.vocab_size)
+        has_tt_embedding = any(isinstance(m, TTEmbedding) for m in student.modules())
         report = refit_factorized(student, self.teacher.model, calibration, steps=self.config.refit_steps,
-                                  token_counts=train.token_counts(self.teacher.model.config.vocab_size),
-                                  seed=self.config.seed, max_seconds=refit_seconds)
+                                  token_counts=counts, row_weights=self._row_weights(counts) if has_tt_embedding
+                                  else None, seed=self.config.seed, max_seconds=refit_seconds)
         if report.after:
             self.log(report.summary())
         if quantize.layers:
             student = apply_plan(student, quantize)
         return student.eval()
+
+    def _row_weights(self, counts: torch.Tensor) -> torch.Tensor | None:
+        """The rows' weights in the refit of a TT word embedding: counts times the teacher's Fisher information
+        per occurrence on ``refit_fisher_examples`` seeded training rows (computed once a run); None (counts
+        only) when that is 0."""
+        from .compress import embedding_fisher, fisher_row_weights
+
+        n = self.config.refit_fisher_examples
+        if not n:
+            return None
+        if self._fisher is None:
+            started = time.perf_counter()
+            train = self.teacher.encoded("train")
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.config.seed))
+            self._fisher = embedding_fisher(self.teacher.model, train.select(order[:n]).batches(32))
+            self.log(f"Fisher information of the word embedding's rows on {min(n, len(train))} training "
+                     f"examples in {time.perf_counter() - started:.0f} s")
+        return fisher_row_weights(counts, *self._fisher)
 
     def _distill_stage(self, run: RunDir, cand: dict[str, Any], index: int) -> tuple[Any, list[str]]:
         out = f"distill/{cand['key'][:12]}"

@@ -8,7 +8,8 @@ teacher once over a few calibration batches, records the inputs of every linear 
 factorized (real tokens only) and fits each factorized layer to the teacher layer's outputs on them (Adam on
 the relative squared error, layers independent of each other). A word embedding stored as a TT-matrix is
 refit to the rows the calibration tokens use, weighted by how often they occur
-(:meth:`~fitformer.layers.TTEmbedding.fit_rows`).
+(:meth:`~fitformer.layers.TTEmbedding.fit_rows`), or by how much the task loss depends on them
+(:func:`embedding_fisher`, :func:`fisher_row_weights`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,64 @@ class RefitReport:
             return "no factorized layer to refit"
         return (f"refit {len(self.after)} layers on {self.tokens} tokens: mean relative output error "
                 f"{statistics.fmean(self.before.values()):.3f} -> {statistics.fmean(self.after.values()):.3f}")
+
+
+def embedding_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token id of ``model``'s word embedding: the empirical Fisher information of its row, the squared
+    norm of the task loss's gradient with respect to the looked-up row summed over the id's real (unmasked)
+    occurrences in ``batches`` (which carry ``labels``), and how many occurrences that is. Both ``(vocab,)``
+    float64. ``model`` is left as it was (no gradients are accumulated into it).
+
+    Why: a task reads a few of its tokens far more than their counts say. A compressed table that is fitted
+    to the rows weighted by count spends its rank on frequent tokens such as "the" and "."; weighted by
+    Fisher information it keeps the rows the prediction depends on (FWSVD, Hsu et al. 2022).
+    """
+    embedding = model.get_input_embeddings()
+    vocab = embedding.num_embeddings
+    fisher = torch.zeros(vocab, dtype=torch.float64)
+    seen = torch.zeros(vocab, dtype=torch.float64)
+    rows: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        out = out if out.requires_grad else out.detach().requires_grad_()
+        rows.append(out)
+        return out
+
+    was_training = model.training
+    model.eval()
+    hook = embedding.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                if "labels" not in batch:
+                    raise UserError("embedding_fisher needs labelled batches (a 'labels' entry)")
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                rows.clear()
+                logits = model(**inputs).logits
+                loss = nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+                (grad,) = torch.autograd.grad(loss, rows[0])
+                mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else \
+                    torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+                ids = inputs["input_ids"][mask]
+                fisher.index_add_(0, ids, grad.pow(2).sum(-1)[mask].double())
+                seen.index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return fisher, seen
+
+
+def fisher_row_weights(token_counts: torch.Tensor, fisher: torch.Tensor, occurrences: torch.Tensor) -> torch.Tensor:
+    """Row weights for the embedding refit: each id's count in the task's text times its Fisher information
+    per occurrence (:func:`embedding_fisher` on a sample of that text), shrunk towards the sample's mean per
+    occurrence by one pseudo-occurrence, so that an id the sample missed weighs its count times the mean
+    rather than nothing. Zero exactly where the count is zero."""
+    if not token_counts.shape == fisher.shape == occurrences.shape:
+        raise UserError(f"token_counts, fisher and occurrences must have one entry per id; got shapes "
+                        f"{tuple(token_counts.shape)}, {tuple(fisher.shape)} and {tuple(occurrences.shape)}")
+    total = float(occurrences.sum())
+    mean = float(fisher.sum()) / total if total else 1.0
+    return token_counts.double() * (fisher.double() + mean) / (occurrences.double() + 1.0)
 
 
 def _collect_inputs(teacher: nn.Module, names: list[str], batches: Iterable[dict[str, torch.Tensor]],
@@ -94,7 +153,8 @@ def _fit_linear(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
 def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                      steps: int = 200, lr: float = 1e-3, max_tokens: int = 8192, batch_tokens: int = 1024,
                      embedding_steps: int = 300, token_counts: torch.Tensor | None = None,
-                     seed: int = 0, max_seconds: float | None = None) -> RefitReport:
+                     row_weights: torch.Tensor | None = None, seed: int = 0,
+                     max_seconds: float | None = None) -> RefitReport:
     """Fit every factorized layer of ``student`` (made by ``apply_plan`` from ``teacher``, so layer names
     match) to the teacher's dense layer on the teacher's inputs from ``batches``; in place. Layers whose
     sizes differ from the teacher's (pruned, or in a narrower sub-network) are left as they are.
@@ -103,8 +163,9 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
     ``embedding_steps`` for a TT word embedding (0 leaves it as it is), fitted to the rows in
     ``token_counts`` (how often each id occurs in the task's training text, e.g.
     ``EncodedDataset.token_counts``; default: the calibration tokens), which should cover the vocabulary
-    the task uses, since rows left out drift as the shared cores change. Run it before quantization and
-    distillation: it starts them from outputs close to the teacher's instead of from TT-SVD's.
+    the task uses, since rows left out drift as the shared cores change; ``row_weights`` (one non-negative
+    number per id, e.g. :func:`fisher_row_weights`) weighs those rows instead of their counts. Run it before
+    quantization and distillation: it starts them from outputs close to the teacher's instead of from TT-SVD's.
 
     ``max_seconds`` bounds the fitting time (recording the inputs not included): each layer gets an equal share
     of what is left when it starts, so a slow machine fits every layer for fewer steps rather than some not
@@ -125,9 +186,12 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
     if not linears and not embeddings:
         return RefitReport({}, {}, 0)
     for name, emb in embeddings.items():
-        if token_counts is not None and token_counts.numel() != emb.num_embeddings:
-            raise UserError(f"token_counts has {token_counts.numel()} entries; layer '{name}' has a vocabulary "
-                            f"of {emb.num_embeddings}")
+        for what, given in (("token_counts", token_counts), ("row_weights", row_weights)):
+            if given is not None and given.numel() != emb.num_embeddings:
+                raise UserError(f"{what} has {given.numel()} entries; layer '{name}' has a vocabulary "
+                                f"of {emb.num_embeddings}")
+    if row_weights is not None and bool((row_weights < 0).any()):
+        raise UserError("row_weights must be non-negative")
     inputs, ids = _collect_inputs(teacher, list(linears), batches, max_tokens, seed)
     generator = torch.Generator().manual_seed(seed)
     end = None if max_seconds is None else time.perf_counter() + max_seconds
@@ -150,9 +214,9 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
             for done, (name, emb) in enumerate(embeddings.items(), start=len(linears)):
                 counts = torch.bincount(ids, minlength=emb.num_embeddings) if token_counts is None else token_counts
                 used = counts.nonzero().squeeze(1)
+                weights = (counts if row_weights is None else row_weights)[used].double()
                 target = dense[name].weight
-                before[name] = emb.fit_rows(target, used, counts[used].double(), steps=0)
-                after[name] = emb.fit_rows(target, used, counts[used].double(), steps=embedding_steps,
-                                           max_seconds=share(done))
+                before[name] = emb.fit_rows(target, used, weights, steps=0)
+                after[name] = emb.fit_rows(target, used, weights, steps=embedding_steps, max_seconds=share(done))
     student.train(was_training)
     return RefitReport(before, after, min(max_tokens, int(ids.numel())))
