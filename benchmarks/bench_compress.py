@@ -234,7 +234,7 @@ def main() -> None:
                    "weights).")
     p.add_argument("--fisher-examples", type=int, default=None, help="Training examples whose teacher gradients "
                    "weigh a TT word embedding's rows in the refit, as RunConfig's refit_fisher_examples (default "
-                   "2048; 0: token counts only).")
+                   "0: token counts only).")
     p.add_argument("--schedule", default=None, help="Distillation schedule, as RunConfig's distill_schedule "
                    "(default: the preset's; docs/distillation.md).")
     p.add_argument("--candidates", type=int, default=None, help="Candidates distilled per run (default: preset); "

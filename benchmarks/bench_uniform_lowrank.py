@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_ema import SIZE_RUN  # noqa: E402
-from benchmarks.common import markdown_table, parser, write_results  # noqa: E402
+from benchmarks.common import markdown_table, size_plan_parser, write_results  # noqa: E402
 from fitformer.config import build_config  # noqa: E402
 from fitformer.errors import UserError  # noqa: E402
 from fitformer.io import read_json, write_json_atomic  # noqa: E402
@@ -97,14 +97,8 @@ onnxruntime integer kernels and tested on 1,280 reviews (validation: the best of
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--plan-from", type=Path, default=Path("runs/bench-compress/size"),
-                   help="A finished size run directory (bench_compress.py --runs size); its first candidate.")
-    p.add_argument("--work", type=Path, default=Path("runs/bench-uniform-lowrank"), help="Run directory.")
+    p = size_plan_parser(__doc__.splitlines()[0], "runs/bench-uniform-lowrank", 12.0, "experiment.json")
     p.add_argument("--minutes", type=float, default=38.0, help="Distillation budget (bench_compress --minutes).")
-    p.add_argument("--epochs", type=float, default=12.0, help="Most distillation epochs (the size run's).")
-    p.add_argument("--collect", type=Path, default=None, metavar="DIR",
-                   help="Only gather the experiment.json of this finished work directory into the results.")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not (args.plan_from / "evaluate.json").exists():

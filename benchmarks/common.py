@@ -34,6 +34,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def size_plan_parser(description: str, work: str, epochs: float, collected: str) -> argparse.ArgumentParser:
+    """:func:`parser` plus the flags of the benchmarks that rework the chosen plan of a finished size run
+    (``bench_compress.py --runs size``): ``--plan-from``, ``--work``, ``--epochs`` and ``--collect DIR``, which
+    gathers the file ``collected`` of a finished work directory instead of running anything."""
+    p = parser(description)
+    p.add_argument("--plan-from", type=Path, default=Path("runs/bench-compress/size"),
+                   help="A finished size run directory (bench_compress.py --runs size); its first candidate.")
+    p.add_argument("--work", type=Path, default=Path(work), help="Work directory.")
+    p.add_argument("--epochs", type=float, default=epochs, help="Most distillation epochs.")
+    p.add_argument("--collect", type=Path, default=None, metavar="DIR",
+                   help=f"Only gather the {collected} of this finished work directory into the results.")
+    return p
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

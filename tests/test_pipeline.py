@@ -256,18 +256,18 @@ def test_split_quant_builds_the_same_model_in_two_steps():
 
 
 def test_embedding_refit_weighs_the_rows_by_the_teachers_fisher_information(finished_run, tmp_path):
-    """Every row the training text uses gets a positive weight (count times Fisher information per
-    occurrence), every other row none; with refit_fisher_examples 0 the refit weighs rows by counts alone."""
+    """With refit_fisher_examples set, every row the training text uses gets a positive weight (count times
+    Fisher information per occurrence), every other row none; at the default 0 the refit weighs rows by counts
+    alone."""
     from fitformer.pipeline import Pipeline
 
     config = json.loads((finished_run / "manifest.json").read_text())["config"]
-    pipeline = Pipeline(RunConfig(**config, out=finished_run))
+    pipeline = Pipeline(RunConfig(**{**config, "refit_fisher_examples": 64}, out=tmp_path))
     counts = pipeline.teacher.encoded("train").token_counts(pipeline.teacher.model.config.vocab_size)
     weights = pipeline._row_weights(counts)
     assert weights.shape == counts.shape and bool(((weights > 0) == (counts > 0)).all())
     assert not weights.equal(counts.double())
-    assert Pipeline(RunConfig(**{**config, "refit_fisher_examples": 0}, out=tmp_path)).\
-        _row_weights(counts) is None
+    assert Pipeline(RunConfig(**config, out=finished_run))._row_weights(counts) is None  # the default
 
 
 def test_deployed_models_of_a_finished_run_run_as_they_ship(finished_run):

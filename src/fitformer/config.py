@@ -107,9 +107,10 @@ class RunConfig(BaseModel):
                                       "(0: every layer weighs the same and is scored on its weights, not its outputs).")
     refit_steps: int = Field(200, ge=0, description="Adam steps fitting each factorized (TT, low-rank) layer "
                              "to the teacher's outputs on calibration tokens before distillation (0: TT-SVD only).")
-    refit_fisher_examples: int = Field(2048, ge=0, description="Training examples on which the teacher's "
+    refit_fisher_examples: int = Field(0, ge=0, description="Training examples on which the teacher's "
                                        "gradients weigh the rows of a TT word embedding in that refit (Fisher "
-                                       "information, docs/tensorized.md); 0: rows weighed by token counts only.")
+                                       "information, docs/tensorized.md; no gain measured after distillation); "
+                                       "0: rows weighed by token counts only.")
     seq_len: int = Field(128, ge=1, description="Tokens per example of the cost model.")
     latency_batch: int = Field(1, ge=1, description="Batch size of the cost model.")
     latency_repeats: int = Field(20, ge=3, description="Timed calls per host latency measurement.")
