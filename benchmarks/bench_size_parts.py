@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_ema import SIZE_RUN  # noqa: E402
-from benchmarks.common import markdown_table, size_plan_parser, write_results  # noqa: E402
+from benchmarks.common import markdown_table, parse_size_plan_args, size_plan_parser, write_results  # noqa: E402
 from fitformer.config import build_config  # noqa: E402
 from fitformer.errors import UserError  # noqa: E402
 from fitformer.io import read_json, write_json_atomic  # noqa: E402
@@ -87,11 +85,7 @@ run's test accuracy is uncertain by about a point.
 def main() -> None:
     p = size_plan_parser(__doc__.splitlines()[0], "runs/bench-size-parts", 6.0, "parts.json")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="Parts to distil alone.")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if not (args.plan_from / "candidates.json").exists():
-        raise UserError(f"{args.plan_from} holds no size run; run `python benchmarks/bench_compress.py --runs "
-                        "size` first or pass --plan-from")
+    args = parse_size_plan_args(p, "candidates.json")
     results = read_json(args.collect / "parts.json") if args.collect else \
         run(args.plan_from, args.work, args.parts, args.epochs)
     rows = [results[p] for p in PARTS if p in results]

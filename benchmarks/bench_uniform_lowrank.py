@@ -18,12 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_ema import SIZE_RUN  # noqa: E402
-from benchmarks.common import markdown_table, size_plan_parser, write_results  # noqa: E402
+from benchmarks.common import markdown_table, parse_size_plan_args, size_plan_parser, write_results  # noqa: E402
 from fitformer.config import build_config  # noqa: E402
 from fitformer.errors import UserError  # noqa: E402
 from fitformer.io import read_json, write_json_atomic  # noqa: E402
@@ -99,11 +97,7 @@ onnxruntime integer kernels and tested on 1,280 reviews (validation: the best of
 def main() -> None:
     p = size_plan_parser(__doc__.splitlines()[0], "runs/bench-uniform-lowrank", 12.0, "experiment.json")
     p.add_argument("--minutes", type=float, default=38.0, help="Distillation budget (bench_compress --minutes).")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if not (args.plan_from / "evaluate.json").exists():
-        raise UserError(f"{args.plan_from} holds no evaluated size run; run `python benchmarks/bench_compress.py "
-                        "--runs size` first or pass --plan-from")
+    args = parse_size_plan_args(p, "evaluate.json")
     row = read_json(args.collect / "experiment.json") if args.collect else \
         run(args.plan_from, args.work, args.minutes, args.epochs)
     rows = [chosen_row(args.plan_from),

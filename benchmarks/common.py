@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fitformer.errors import UserError
 from fitformer.io import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,17 @@ def size_plan_parser(description: str, work: str, epochs: float, collected: str)
     p.add_argument("--collect", type=Path, default=None, metavar="DIR",
                    help=f"Only gather the {collected} of this finished work directory into the results.")
     return p
+
+
+def parse_size_plan_args(p: argparse.ArgumentParser, needs: str) -> argparse.Namespace:
+    """Parse a :func:`size_plan_parser`'s arguments, set the PyTorch threads and check that ``--plan-from``
+    holds the file ``needs`` of a finished size run."""
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if not (args.plan_from / needs).exists():
+        raise UserError(f"{args.plan_from} holds no {needs} of a size run; run `python benchmarks/bench_compress.py "
+                        "--runs size` first or pass --plan-from")
+    return args
 
 
 def machine() -> dict[str, Any]:
