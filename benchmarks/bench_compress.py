@@ -233,8 +233,10 @@ def main() -> None:
                    "that is validated and shipped, as RunConfig's distill_ema_decay (default 0.99; 0: the raw "
                    "weights).")
     p.add_argument("--fisher-examples", type=int, default=None, help="Training examples whose teacher gradients "
-                   "weigh a TT word embedding's rows in the refit, as RunConfig's refit_fisher_examples (default "
-                   "0: token counts only).")
+                   "steer the refit of a TT word embedding, as RunConfig's refit_fisher_examples (default 0: rows "
+                   "by token counts, plain metric).")
+    p.add_argument("--fisher-weighs", choices=["directions", "rows", "both"], default=None, help="What that Fisher "
+                   "information steers, as RunConfig's refit_fisher_weighs (default directions).")
     p.add_argument("--schedule", default=None, help="Distillation schedule, as RunConfig's distill_schedule "
                    "(default: the preset's; docs/distillation.md).")
     p.add_argument("--candidates", type=int, default=None, help="Candidates distilled per run (default: preset); "
@@ -279,6 +281,8 @@ def main() -> None:
         overrides["distill_ema_decay"] = args.ema_decay
     if args.fisher_examples is not None:
         overrides["refit_fisher_examples"] = args.fisher_examples
+    if args.fisher_weighs is not None:
+        overrides["refit_fisher_weighs"] = args.fisher_weighs
     if args.schedule is not None:
         overrides["distill_schedule"] = args.schedule
     if args.candidates is not None:

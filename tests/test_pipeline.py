@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 import fitformer
 from fitformer.cli import main
@@ -255,25 +256,32 @@ def test_split_quant_builds_the_same_model_in_two_steps():
     assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in two.state_dict().items()}
 
 
-def test_embedding_refit_weighs_the_rows_by_the_teachers_fisher_information(finished_run, tmp_path):
-    """With refit_fisher_examples set, every row the training text uses gets a positive weight (count times
-    Fisher information per occurrence), every other row none; at the default 0 the refit weighs rows by counts
-    alone."""
+def test_embedding_refit_is_steered_by_the_teachers_fisher_information(finished_run, tmp_path):
+    """The refit measures a TT word embedding's rows in the teacher's Fisher metric ('directions', the default)
+    and/or weighs every row the training text uses by its count times its Fisher information per occurrence,
+    every other row by nothing ('rows'); with refit_fisher_examples 0 neither."""
     from fitformer.pipeline import Pipeline
 
     config = json.loads((finished_run / "manifest.json").read_text())["config"]
-    pipeline = Pipeline(RunConfig(**{**config, "refit_fisher_examples": 64}, out=tmp_path))
-    counts = pipeline.teacher.encoded("train").token_counts(pipeline.teacher.model.config.vocab_size)
-    weights = pipeline._row_weights(counts)
+    pipeline = Pipeline(RunConfig(**{**config, "refit_fisher_examples": 64, "refit_fisher_weighs": "both"},
+                                  out=tmp_path))
+    vocab, hidden = pipeline.teacher.model.config.vocab_size, pipeline.teacher.model.config.hidden_size
+    counts = pipeline.teacher.encoded("train").token_counts(vocab)
+    fit = pipeline._embedding_fit(counts)
+    weights, metric = fit["row_weights"], fit["embedding_metric"]
     assert weights.shape == counts.shape and bool(((weights > 0) == (counts > 0)).all())
     assert not weights.equal(counts.double())
-    assert Pipeline(RunConfig(**config, out=finished_run))._row_weights(counts) is None  # the default
+    assert metric.shape == (hidden, hidden) and torch.allclose(metric, metric.T)
+    pipeline.config = pipeline.config.model_copy(update={"refit_fisher_weighs": "directions"})
+    assert set(pipeline._embedding_fit(counts)) == {"embedding_metric"}
+    assert RunConfig(**config, out=tmp_path).refit_fisher_weighs == "directions"  # the default
+    off = RunConfig(**{**config, "refit_fisher_examples": 0}, out=tmp_path / "off")
+    assert Pipeline(off)._embedding_fit(counts) == {}
 
 
 def test_deployed_models_of_a_finished_run_run_as_they_ship(finished_run):
     """What the headline benchmark re-times side by side: the teacher, each candidate and the uniform
     baseline, as an onnxruntime session when quantized, else the PyTorch model with its trained weights."""
-    import torch
 
     from fitformer.export.onnx_quant import ort_logits
     from fitformer.hardware.timing import random_token_inputs

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import BertForSequenceClassification
 
 from fitformer.compress import (
     CompressionPlan,
+    EmbeddingFisher,
     TTEmbeddingPlan,
     apply_plan,
     embedding_fisher,
-    fisher_row_weights,
     refit_factorized,
     tt_plan_for_model,
 )
@@ -87,10 +89,12 @@ def test_refit_stops_at_its_time_budget(teacher):
     assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
 
 
-def test_embedding_fisher_is_each_rows_squared_loss_gradient_and_leaves_the_model_alone(teacher):
+def test_embedding_fisher_is_the_squared_loss_gradient_per_row_and_direction_and_leaves_the_model_alone(teacher):
     data = batches(teacher.config.vocab_size, 2)
-    fisher, seen = embedding_fisher(teacher, data)
+    fisher = embedding_fisher(teacher, data)
+    hidden = teacher.config.hidden_size
     expected = torch.zeros(teacher.config.vocab_size, dtype=torch.float64)
+    directions = torch.zeros(hidden, hidden, dtype=torch.float64)
     for b in data:  # the same gradient through inputs_embeds, the rows looked up by hand
         rows = teacher.get_input_embeddings()(b["input_ids"]).detach().requires_grad_()
         logits = teacher(inputs_embeds=rows, attention_mask=b["attention_mask"],
@@ -98,24 +102,41 @@ def test_embedding_fisher_is_each_rows_squared_loss_gradient_and_leaves_the_mode
         (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum"), rows)
         mask = b["attention_mask"].bool()
         expected.index_add_(0, b["input_ids"][mask], grad.pow(2).sum(-1)[mask].double())
-    torch.testing.assert_close(fisher, expected, rtol=1e-4, atol=1e-10)
-    counts = sum(torch.bincount(b["input_ids"][b["attention_mask"].bool()], minlength=len(seen)) for b in data)
-    assert torch.equal(seen, counts.double()) and float(fisher.sum()) > 0
+        directions += grad[mask].double().T @ grad[mask].double()
+    torch.testing.assert_close(fisher.rows, expected, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(fisher.directions, directions, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(torch.trace(fisher.directions), fisher.rows.sum())  # the same squares, summed
+    counts = sum(torch.bincount(b["input_ids"][b["attention_mask"].bool()], minlength=len(expected)) for b in data)
+    assert torch.equal(fisher.occurrences, counts.double()) and float(fisher.rows.sum()) > 0
     assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
     with pytest.raises(UserError, match="labels"):
         embedding_fisher(teacher, [{k: v for k, v in data[0].items() if k != "labels"}])
 
 
 def test_fisher_row_weights_scale_counts_and_fall_back_to_the_mean():
-    counts = torch.tensor([0, 4, 2, 3])
-    fisher = torch.tensor([0.0, 8.0, 0.5, 0.0])
-    seen = torch.tensor([0.0, 2.0, 1.0, 0.0])  # id 3 occurs in the text but not in the Fisher sample
-    weights = fisher_row_weights(counts, fisher, seen)
+    fisher = EmbeddingFisher(rows=torch.tensor([0.0, 8.0, 0.5, 0.0], dtype=torch.float64),
+                             occurrences=torch.tensor([0.0, 2.0, 1.0, 0.0], dtype=torch.float64),
+                             directions=torch.eye(2, dtype=torch.float64))  # id 3: in the text, not the sample
+    weights = fisher.row_weights(torch.tensor([0, 4, 2, 3]))
     mean = 8.5 / 3
     torch.testing.assert_close(weights, torch.tensor([0.0, 4 * (8 + mean) / 3, 2 * (0.5 + mean) / 2, 3 * mean],
                                                      dtype=torch.float64))
     with pytest.raises(UserError, match="one entry per id"):
-        fisher_row_weights(counts, fisher[:3], seen)
+        fisher.row_weights(torch.tensor([0, 4, 2]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(hidden=st.integers(1, 8), samples=st.integers(1, 12), damping=st.floats(1e-3, 10.0), seed=st.integers(0, 99))
+def test_fisher_metric_squares_to_the_damped_normalised_directions(hidden, samples, damping, seed):
+    grads = torch.randn(samples, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    directions = grads.T @ grads
+    fisher = EmbeddingFisher(torch.zeros(3), torch.zeros(3), directions)
+    metric = fisher.metric(damping)
+    torch.testing.assert_close(metric, metric.T)
+    expected = directions / (torch.trace(directions) / hidden) + damping * torch.eye(hidden, dtype=torch.float64)
+    torch.testing.assert_close(metric @ metric, expected)
+    with pytest.raises(UserError, match="damping"):
+        fisher.metric(0.0)
 
 
 def test_row_weights_steer_the_embedding_refit_and_are_checked(teacher):
@@ -142,3 +163,28 @@ def test_row_weights_steer_the_embedding_refit_and_are_checked(teacher):
         refit_factorized(student, teacher, data, row_weights=weights[:-1])
     with pytest.raises(UserError, match="non-negative"):
         refit_factorized(student, teacher, data, row_weights=-weights)
+
+
+def test_a_direction_metric_steers_the_embedding_refit_and_is_checked(teacher):
+    """Fitted in a metric that reads two of the hidden directions, the table keeps those two directions better
+    than when fitted in the plain metric (where the rank is spent on all of them)."""
+    vocab, hidden = teacher.config.vocab_size, teacher.config.hidden_size
+    data = batches(vocab)
+    read = torch.zeros(hidden, hidden, dtype=torch.float64)
+    read[0, 0] = read[1, 1] = 1.0  # the task reads hidden directions 0 and 1 only
+    metric = EmbeddingFisher(torch.zeros(vocab), torch.zeros(vocab), read).metric(damping=1e-3)
+
+    def read_error(embedding_metric):
+        plan = CompressionPlan(layers={"bert.embeddings.word_embeddings": [TTEmbeddingPlan(max_rank=4)]})
+        student = apply_plan(teacher, plan)
+        refit_factorized(student, teacher, data, steps=0, embedding_steps=500, embedding_metric=embedding_metric)
+        table, target = student.get_input_embeddings().weight, teacher.get_input_embeddings().weight
+        with torch.no_grad():
+            return float((table[used, :2] - target[used, :2]).norm() / target[used, :2].norm())
+
+    used = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in data]).unique()
+    assert read_error(metric) < 0.85 * read_error(None)
+    student = apply_plan(teacher, CompressionPlan(layers={"bert.embeddings.word_embeddings":
+                                                          [TTEmbeddingPlan(max_rank=2)]}))
+    with pytest.raises(UserError, match="metric is"):
+        refit_factorized(student, teacher, data, embedding_metric=metric[:-1])

@@ -327,6 +327,31 @@ def test_embedding_fit_rows_spends_rank_on_used_tokens(used, gain):
         tt.fit_rows(emb.weight, used, counts[:2])
 
 
+def test_embedding_fit_rows_in_a_metric_keeps_the_directions_it_reads():
+    """Measured in a metric that reads two hidden directions, the fit keeps those (and reports its error in
+    that metric); measured plainly, it spreads the rank over all of them."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(64, 16)
+    ids = torch.arange(64)
+    metric = torch.full((16,), 0.03)
+    metric[:2] = 1.0
+    metric = torch.diag(metric)  # reads hidden directions 0 and 1
+
+    def fitted(m: torch.Tensor | None) -> tuple[float, float]:
+        tt = TTEmbedding.from_embedding(emb, (4, 4, 4), (2, 2, 4), max_rank=4)
+        reported = tt.fit_rows(emb.weight, ids, steps=500, lr=1e-2, metric=m)
+        with torch.no_grad():
+            read = float((tt.weight[:, :2] - emb.weight[:, :2]).norm() / emb.weight[:, :2].norm())
+            m = torch.eye(16) if m is None else m
+            assert reported == pytest.approx(float(((tt.weight - emb.weight) @ m).norm() / (emb.weight @ m).norm()),
+                                             rel=1e-4)
+        return read, reported
+
+    assert fitted(metric)[0] < 0.6 * fitted(None)[0]
+    with pytest.raises(UserError, match="metric is"):
+        TTEmbedding.from_embedding(emb, (4, 4, 4), (2, 2, 4), max_rank=4).fit_rows(emb.weight, ids, metric=metric[:3])
+
+
 def test_low_rank_linear():
     lin = nn.Linear(20, 30).double()
     x = torch.randn(4, 20, dtype=torch.float64)

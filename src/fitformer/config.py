@@ -18,7 +18,8 @@ from .errors import UserError
 from .io import without_later_defaults
 
 # settings added after run directories were made, with the value that leaves results as before
-_ADDED_LATER = {"distill_neighbour_swap": 0.0, "distill_temperature": 1.0, "refit_fisher_examples": 0}
+_ADDED_LATER = {"distill_neighbour_swap": 0.0, "distill_temperature": 1.0, "refit_fisher_examples": 0,
+                "refit_fisher_weighs": "directions"}
 OBJECTIVE_METRICS = {"latency": "latency_ms", "energy": "energy_mj", "edp": "edp_mjs", "size": "size_bytes"}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,10 +108,14 @@ class RunConfig(BaseModel):
                                       "(0: every layer weighs the same and is scored on its weights, not its outputs).")
     refit_steps: int = Field(200, ge=0, description="Adam steps fitting each factorized (TT, low-rank) layer "
                              "to the teacher's outputs on calibration tokens before distillation (0: TT-SVD only).")
-    refit_fisher_examples: int = Field(0, ge=0, description="Training examples on which the teacher's "
-                                       "gradients weigh the rows of a TT word embedding in that refit (Fisher "
-                                       "information, docs/tensorized.md; no gain measured after distillation); "
-                                       "0: rows weighed by token counts only.")
+    refit_fisher_examples: int = Field(1024, ge=0, description="Training examples on which the teacher's "
+                                       "gradients steer the refit of a TT word embedding (its Fisher information, "
+                                       "docs/tensorized.md); 0: rows weighed by token counts, errors in the plain "
+                                       "metric.")
+    refit_fisher_weighs: Literal["directions", "rows", "both"] = Field(
+        "directions", description="What that Fisher information steers: 'directions' measures each row's "
+        "error in the directions the task loss reads, 'rows' weighs each row by how much the loss depends on "
+        "it, 'both' does both.")
     seq_len: int = Field(128, ge=1, description="Tokens per example of the cost model.")
     latency_batch: int = Field(1, ge=1, description="Batch size of the cost model.")
     latency_repeats: int = Field(20, ge=3, description="Timed calls per host latency measurement.")

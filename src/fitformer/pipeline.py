@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from .config import RunConfig
 from .errors import InfeasibleError
 from .io import read_json, write_json_atomic, write_text_atomic
 from .rundir import RunDir
+
+if TYPE_CHECKING:
+    from .compress import EmbeddingFisher
 
 Log = Callable[[str], None]
 BASELINE = "baseline:"  # evaluation rows of baselines (compared, never chosen)
@@ -85,7 +88,7 @@ class Pipeline:
         self._dataset = dataset
         self._weight_proxy = None
         self._encoder_shape = None
-        self._fisher: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fisher: EmbeddingFisher | None = None
 
     # ------------------------------------------------------------------ shared pieces
     @property
@@ -318,31 +321,37 @@ class Pipeline:
         counts = train.token_counts(self.teacher.model.config.vocab_size)
         has_tt_embedding = any(isinstance(m, TTEmbedding) for m in student.modules())
         report = refit_factorized(student, self.teacher.model, calibration, steps=self.config.refit_steps,
-                                  token_counts=counts, row_weights=self._row_weights(counts) if has_tt_embedding
-                                  else None, seed=self.config.seed, max_seconds=refit_seconds)
+                                  token_counts=counts, seed=self.config.seed, max_seconds=refit_seconds,
+                                  **(self._embedding_fit(counts) if has_tt_embedding else {}))
         if report.after:
             self.log(report.summary())
         if quantize.layers:
             student = apply_plan(student, quantize)
         return student.eval()
 
-    def _row_weights(self, counts: torch.Tensor) -> torch.Tensor | None:
-        """The rows' weights in the refit of a TT word embedding: counts times the teacher's Fisher information
-        per occurrence on ``refit_fisher_examples`` seeded training rows (computed once a run); None (counts
-        only) when that is 0."""
-        from .compress import embedding_fisher, fisher_row_weights
+    def _embedding_fit(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """How the refit weighs a TT word embedding's rows and measures their error: the teacher's Fisher
+        information on ``refit_fisher_examples`` seeded training rows (computed once a run), as row weights
+        and/or a direction metric (``refit_fisher_weighs``); empty (rows by counts, plain metric) when that is 0."""
+        from .compress import embedding_fisher
 
         n = self.config.refit_fisher_examples
         if not n:
-            return None
+            return {}
         if self._fisher is None:
             started = time.perf_counter()
             train = self.teacher.encoded("train")
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.config.seed))
             self._fisher = embedding_fisher(self.teacher.model, train.select(order[:n]).batches(32))
-            self.log(f"Fisher information of the word embedding's rows on {min(n, len(train))} training "
+            self.log(f"Fisher information of the word embedding on {min(n, len(train))} training "
                      f"examples in {time.perf_counter() - started:.0f} s")
-        return fisher_row_weights(counts, *self._fisher)
+        weighs = self.config.refit_fisher_weighs
+        fit = {}
+        if weighs in ("rows", "both"):
+            fit["row_weights"] = self._fisher.row_weights(counts)
+        if weighs in ("directions", "both"):
+            fit["embedding_metric"] = self._fisher.metric()
+        return fit
 
     def _distill_stage(self, run: RunDir, cand: dict[str, Any], index: int) -> tuple[Any, list[str]]:
         out = f"distill/{cand['key'][:12]}"

@@ -19,7 +19,7 @@ from .plan import (
     register_plan,
     resolve_layers,
 )
-from .refit import RefitReport, embedding_fisher, fisher_row_weights, refit_factorized
+from .refit import EmbeddingFisher, RefitReport, embedding_fisher, refit_factorized
 from .tt import LowRankPlan, TTEmbeddingPlan, TTPlan, tt_plan_for_model  # noqa: F401  (kinds tt, low_rank, tt_embedding)
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "RefitReport",
     "apply_plan",
     "embedding_fisher",
-    "fisher_row_weights",
+    "EmbeddingFisher",
     "plan_from_dict",
     "plan_to_dict",
     "refit_factorized",

@@ -430,10 +430,14 @@ class TTEmbedding(_TTBase):
         return layer
 
     def fit_rows(self, target: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None = None,
-                 steps: int = 300, lr: float = 3e-3, max_seconds: float | None = None) -> float:
+                 steps: int = 300, lr: float = 3e-3, max_seconds: float | None = None,
+                 metric: torch.Tensor | None = None) -> float:
         """Refit the cores (Adam, full batch) to the rows ``target[ids]`` of a dense table, each row's squared
-        error weighted by ``weights`` (e.g. how often the task uses that token); returns the weighted relative
-        error reached (never worse than the start's). ``max_seconds`` stops the fit early.
+        error weighted by ``weights`` (e.g. how often the task uses that token) and measured as
+        ``||(row - target) @ metric||`` (``(hidden, hidden)``, e.g. the directions a task reads,
+        :meth:`fitformer.compress.EmbeddingFisher.metric`; default: the plain norm); returns the weighted
+        relative error reached in that metric (never worse than the start's). ``max_seconds`` stops the fit
+        early.
 
         Why: a vocabulary table is far from low TT-rank (TT-SVD of a 30k x 384 table at rank 64 leaves ~90%
         relative error), but a task touches a fraction of the rows, most of its tokens from a few thousand.
@@ -449,8 +453,15 @@ class TTEmbedding(_TTBase):
                             f"({self.num_embeddings}, {self.embedding_dim})")
         if steps < 0:
             raise UserError(f"steps={steps}: must be >= 0")
+        if metric is not None and tuple(metric.shape) != (self.embedding_dim, self.embedding_dim):
+            raise UserError(f"metric is {tuple(metric.shape)}; expected ({self.embedding_dim}, {self.embedding_dim})")
         dtype = self.cores[0].dtype
-        rows = target.detach()[ids].to(dtype)
+        metric = None if metric is None else metric.detach().to(dtype)
+
+        def measured(table: torch.Tensor) -> torch.Tensor:
+            return table if metric is None else table @ metric
+
+        rows = measured(target.detach()[ids].to(dtype))
         w = torch.ones(ids.numel(), dtype=dtype) if weights is None else weights.detach().reshape(-1).to(dtype)
         if w.shape[0] != ids.numel() or bool((w < 0).any()) or float(w.sum()) <= 0:
             raise UserError("weights must be one non-negative number per id, not all zero")
@@ -462,7 +473,7 @@ class TTEmbedding(_TTBase):
 
         def error() -> torch.Tensor:
             predicted = self.weight[ids] if whole_table else self.rows(ids)
-            return ((predicted - rows).pow(2) * w).sum()
+            return ((measured(predicted) - rows).pow(2) * w).sum()
 
         with torch.no_grad():
             start, before = [c.detach().clone() for c in self.cores], error().sqrt().item()
