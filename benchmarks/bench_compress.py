@@ -233,8 +233,8 @@ def main() -> None:
                    "that is validated and shipped, as RunConfig's distill_ema_decay (default 0.99; 0: the raw "
                    "weights).")
     p.add_argument("--fisher-examples", type=int, default=None, help="Training examples whose teacher gradients "
-                   "steer the refit of a TT word embedding, as RunConfig's refit_fisher_examples (default 0: rows "
-                   "by token counts, plain metric).")
+                   "steer the refit of a TT word embedding, as RunConfig's refit_fisher_examples (default 1024; "
+                   "0: rows by token counts, plain metric).")
     p.add_argument("--fisher-weighs", choices=["directions", "rows", "both"], default=None, help="What that Fisher "
                    "information steers, as RunConfig's refit_fisher_weighs (default directions).")
     p.add_argument("--schedule", default=None, help="Distillation schedule, as RunConfig's distill_schedule "
