@@ -109,6 +109,10 @@ def test_a_setting_added_later_counts_in_the_identity_only_when_set():
     assert not {"distill_neighbour_swap", "distill_temperature"} & set(RunConfig().identity())
     assert RunConfig(distill_neighbour_swap=0.5).identity()["distill_neighbour_swap"] == 0.5
     assert RunConfig(distill_temperature=2.0).identity()["distill_temperature"] == 2.0
+    # a run refit on Fisher rows before refit_fisher_weighs existed resumes as rows, not as the new default
+    assert "refit_fisher_weighs" not in RunConfig(refit_fisher_weighs="rows").identity()
+    assert RunConfig().identity()["refit_fisher_weighs"] == "directions"
+    assert "refit_fisher_weighs" not in RunConfig(refit_fisher_examples=0).identity()  # nothing to steer
 
 
 @pytest.mark.parametrize("bad", [["--device", "no-such-device"], ["--max-accuracy-drop", "-1"],

@@ -19,7 +19,7 @@ from .io import without_later_defaults
 
 # settings added after run directories were made, with the value that leaves results as before
 _ADDED_LATER = {"distill_neighbour_swap": 0.0, "distill_temperature": 1.0, "refit_fisher_examples": 0,
-                "refit_fisher_weighs": "directions"}
+                "refit_fisher_weighs": "rows"}  # rows: what refit_fisher_examples > 0 did before the field
 OBJECTIVE_METRICS = {"latency": "latency_ms", "energy": "energy_mj", "edp": "edp_mjs", "size": "size_bytes"}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -147,6 +147,8 @@ class RunConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The settings that decide the run's results (what the run directory's manifest compares)."""
         settings = self.model_dump(mode="json", exclude={"out", "threads", "latency_repeats"})
+        if not self.refit_fisher_examples:  # no Fisher information, so nothing for it to steer
+            settings.pop("refit_fisher_weighs")
         return without_later_defaults(settings, _ADDED_LATER)
 
     def check_resources(self) -> None:
