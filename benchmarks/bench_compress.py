@@ -232,6 +232,8 @@ def main() -> None:
     p.add_argument("--ema-decay", type=float, default=None, help="Decay of the moving average of the weights "
                    "that is validated and shipped, as RunConfig's distill_ema_decay (default 0.99; 0: the raw "
                    "weights).")
+    p.add_argument("--hidden-loss", choices=["mse", "cosine", "fisher"], default=None, help="How the two_stage "
+                   "schedule matches hidden states, as RunConfig's distill_hidden_loss (default mse).")
     p.add_argument("--fisher-examples", type=int, default=None, help="Training examples whose teacher gradients "
                    "steer the refit of a TT word embedding, as RunConfig's refit_fisher_examples (default 1024; "
                    "0: rows by token counts, plain metric).")
@@ -279,6 +281,8 @@ def main() -> None:
         overrides["distill_temperature"] = args.temperature
     if args.ema_decay is not None:
         overrides["distill_ema_decay"] = args.ema_decay
+    if args.hidden_loss is not None:
+        overrides["distill_hidden_loss"] = args.hidden_loss
     if args.fisher_examples is not None:
         overrides["refit_fisher_examples"] = args.fisher_examples
     if args.fisher_weighs is not None:

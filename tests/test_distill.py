@@ -66,7 +66,9 @@ def test_every_loss_is_zero_when_the_student_is_the_teacher(setup):
     layer_map = LayerMap.infer(s, t)
     assert len(layer_map.projections) == 0
     layers = tuple(range(layer_map.student_depth + 1))
-    for kind in ("mse", "cosine"):
+    width = teacher.config.hidden_size
+    layer_map.measure_in([torch.eye(width)] * (layer_map.teacher_depth + 1))
+    for kind in ("mse", "cosine", "fisher"):
         parts = intermediate_loss(s, t, layer_map, mask, layers, LossWeights(hidden_loss=kind))
         assert set(parts) == {"embedding", "hidden", "attention"}
         for name, value in parts.items():
@@ -96,6 +98,58 @@ def test_losses_are_positive_for_different_models_and_ignore_padding(setup):
     noisy = s.hidden_states[1] + (1 - mask)[..., None] * 100.0
     assert float(hidden_mse(noisy, t.hidden_states[1], mask)) == pytest.approx(
         float(hidden_mse(s.hidden_states[1], t.hidden_states[1], mask)), rel=1e-5)
+
+
+def test_the_fisher_hidden_loss_is_the_mse_measured_in_each_teacher_state_metric(setup):
+    teacher, data = setup
+    batch = data.train.batch(torch.arange(8))
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        t = outputs(teacher, batch)
+        s = outputs(small_student(teacher, layers=1, width=teacher.config.hidden_size, heads=2), batch)
+    layer_map = LayerMap.infer(s, t)
+    weights = LossWeights(attention=0.0, hidden_loss="fisher")
+    with pytest.raises(UserError, match="measure_in"):
+        intermediate_loss(s, t, layer_map, mask, (0, 1), weights)
+    width = teacher.config.hidden_size
+    with pytest.raises(UserError, match="one per hidden state"):
+        layer_map.measure_in([torch.eye(width)])
+    with pytest.raises(UserError, match="width"):
+        layer_map.measure_in([torch.eye(width + 1)] * (layer_map.teacher_depth + 1))
+    # the identity metric gives the plain mse; a metric reading one direction, that direction's error alone
+    layer_map.measure_in([torch.eye(width)] * (layer_map.teacher_depth + 1))
+    plain = intermediate_loss(s, t, layer_map, mask, (0, 1), dataclasses.replace(weights, hidden_loss="mse"))
+    for name, value in intermediate_loss(s, t, layer_map, mask, (0, 1), weights).items():
+        torch.testing.assert_close(value, plain[name])
+    first = torch.zeros(width, width)
+    first[0, 0] = 1.0
+    layer_map.measure_in([first] * (layer_map.teacher_depth + 1))
+    deep = layer_map.teacher_index(1)
+    expected = hidden_mse(s.hidden_states[1][..., :1], t.hidden_states[deep][..., :1], mask) / width
+    torch.testing.assert_close(intermediate_loss(s, t, layer_map, mask, (1,), weights)["hidden"], expected)
+
+
+def test_distillation_with_the_fisher_hidden_loss_measures_each_state_in_the_teacher_metric(setup, tmp_path,
+                                                                                          monkeypatch):
+    import importlib
+
+    distill_module = importlib.import_module("fitformer.train.distill")  # the package exports a function by that name
+    teacher, data = setup
+    measured = []
+    real = distill_module._hidden_metrics
+    monkeypatch.setattr(distill_module, "_hidden_metrics", lambda *args: measured.append(real(*args)) or measured[-1])
+    student = small_student(teacher, layers=1, width=teacher.config.hidden_size, heads=2)
+    config = DistillConfig(schedule="two_stage", max_steps=4, batch_size=8, eval_every_steps=100,
+                           hidden_loss="fisher", fisher_examples=16)
+    result = distill(student, teacher, data, config, tmp_path / "run")
+    assert result.steps == 4 and [s["name"] for s in result.stages] == ["intermediate", "logits"]
+    assert len(measured) == 1 and len(measured[0]) == teacher.config.num_hidden_layers + 1
+    with pytest.raises(UserError, match="fisher_examples"):
+        DistillConfig(fisher_examples=0).validate()
+    # the run's identity holds the loss: the same directory refuses to resume it with the plain mse
+    with pytest.raises(UserError, match="other settings"):
+        distill(small_student(teacher, layers=1, width=teacher.config.hidden_size, heads=2), teacher, data,
+                dataclasses.replace(config, hidden_loss="mse"), tmp_path / "run")
 
 
 def test_loss_gradients_match_finite_differences():
@@ -506,3 +560,4 @@ def test_the_run_config_and_the_distiller_share_one_default_schedule():
 
     assert RunConfig.model_fields["distill_schedule"].default == DistillConfig().schedule
     assert RunConfig.model_fields["distill_ema_decay"].default == DistillConfig().ema_decay
+    assert RunConfig.model_fields["distill_hidden_loss"].default == DistillConfig().hidden_loss

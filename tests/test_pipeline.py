@@ -106,8 +106,9 @@ def test_changed_settings_in_same_run_dir_are_refused(run_args, finished_run):
 
 def test_a_setting_added_later_counts_in_the_identity_only_when_set():
     """Run directories made before these settings existed hold identities without them: they resume."""
-    assert not {"distill_neighbour_swap", "distill_temperature"} & set(RunConfig().identity())
+    assert not {"distill_neighbour_swap", "distill_temperature", "distill_hidden_loss"} & set(RunConfig().identity())
     assert RunConfig(distill_neighbour_swap=0.5).identity()["distill_neighbour_swap"] == 0.5
+    assert RunConfig(distill_hidden_loss="fisher").identity()["distill_hidden_loss"] == "fisher"
     assert RunConfig(distill_temperature=2.0).identity()["distill_temperature"] == 2.0
     # a run refit on Fisher rows before refit_fisher_weighs existed resumes as rows, not as the new default
     assert "refit_fisher_weighs" not in RunConfig(refit_fisher_weighs="rows").identity()

@@ -18,8 +18,9 @@ from .errors import UserError
 from .io import without_later_defaults
 
 # settings added after run directories were made, with the value that leaves results as before
+# (refit_fisher_weighs "rows": what refit_fisher_examples > 0 did before the field)
 _ADDED_LATER = {"distill_neighbour_swap": 0.0, "distill_temperature": 1.0, "refit_fisher_examples": 0,
-                "refit_fisher_weighs": "rows"}  # rows: what refit_fisher_examples > 0 did before the field
+                "refit_fisher_weighs": "rows", "distill_hidden_loss": "mse"}
 OBJECTIVE_METRICS = {"latency": "latency_ms", "energy": "energy_mj", "edp": "edp_mjs", "size": "size_bytes"}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -99,6 +100,10 @@ class RunConfig(BaseModel):
                                           "their 15 nearest neighbours in the teacher's embedding space, new "
                                           "inputs learnt from the teacher's soft labels alone (TinyBERT's "
                                           "augmentation); teacher logits are then not cached.")
+    distill_hidden_loss: Literal["mse", "cosine", "fisher"] = Field(
+        "mse", description="How the layered schedules (two_stage, progressive) match each hidden state: mse; "
+        "cosine (blind to scale); fisher: mse measured in the directions the teacher's task loss reads there, "
+        "from its gradients on 1,024 training examples (docs/distillation.md).")
     distill_ema_decay: float = Field(0.99, ge=0, lt=1, description="In (0, 1): the exponential moving average "
                                      "of the weights with this decay is validated and its best evaluation "
                                      "ships (less of a lucky draw among noisy evaluations; 0.99 measured best, "

@@ -379,7 +379,7 @@ class Pipeline:
                                epochs=c.distill_epochs, batch_size=c.distill_batch_size,
                                learning_rate=c.distill_learning_rate, word_dropout=c.distill_word_dropout,
                                neighbour_swap=c.distill_neighbour_swap, temperature=c.distill_temperature,
-                               ema_decay=c.distill_ema_decay,
+                               ema_decay=c.distill_ema_decay, hidden_loss=c.distill_hidden_loss,
                                seed=c.seed)
         return distill(student, self.teacher.model, data, config, self.run.file(out))
 

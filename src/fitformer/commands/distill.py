@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(DistillConfig.learning_rate, "--lr", help="Peak learning rate (AdamW)."),
         batch_size: int = typer.Option(DistillConfig.batch_size, help="Examples per step."),
         temperature: float = typer.Option(DistillConfig.temperature, help="Soft-target temperature."),
-        hidden_loss: str = typer.Option(DistillConfig.hidden_loss, help="Hidden-state loss: mse or cosine."),
+        hidden_loss: str = typer.Option(DistillConfig.hidden_loss, help="Hidden-state loss: mse, cosine or "
+                                        "fisher (mse in the directions the teacher's task loss reads)."),
         word_dropout: float = typer.Option(DistillConfig.word_dropout, help="Augmentation: token drop rate."),
         neighbour_swap: float = typer.Option(DistillConfig.neighbour_swap, help="Augmentation: share of examples "
                                              "with words swapped for embedding-space neighbours."),

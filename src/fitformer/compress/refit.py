@@ -26,10 +26,9 @@ from ..errors import UserError
 from ..layers.lowrank import LowRankLinear
 from ..layers.tt import TTEmbedding, TTLinear
 from ..models.activations import record_layer_inputs
+from ..models.gradients import DIRECTION_DAMPING, direction_metric, task_loss_gradients
 
 FACTORIZED = (TTLinear, LowRankLinear)
-# damping of the direction metric: the best of 0.01, 0.1 and 1 for MiniLM's table (docs/tensorized.md)
-DIRECTION_DAMPING = 0.01
 
 
 @dataclass
@@ -81,13 +80,7 @@ class EmbeddingFisher:
         Why: a task reads a few directions of a 384-wide embedding; measured in this metric, a rank-32 TT of
         MiniLM's table keeps what the classifier uses (put into the dense teacher untrained, it scores 0.78
         against 0.62 when fitted in the plain metric, docs/tensorized.md)."""
-        if damping <= 0:
-            raise UserError(f"damping={damping}: must be > 0 (e.g. 0.01)")
-        f = self.directions.double()
-        scale = float(torch.trace(f)) / f.shape[0]
-        f = f / scale if scale > 0 else torch.zeros_like(f)
-        values, vectors = torch.linalg.eigh(f + damping * torch.eye(f.shape[0], dtype=f.dtype))
-        return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+        return direction_metric(self.directions, damping)
 
 
 def embedding_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> EmbeddingFisher:
@@ -104,35 +97,11 @@ def embedding_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
     fisher = torch.zeros(vocab, dtype=torch.float64)
     seen = torch.zeros(vocab, dtype=torch.float64)
     directions = torch.zeros(hidden, hidden, dtype=torch.float64)
-    rows: list[torch.Tensor] = []
-
-    def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        out = out if out.requires_grad else out.detach().requires_grad_()
-        rows.append(out)
-        return out
-
-    was_training = model.training
-    model.eval()
-    hook = embedding.register_forward_hook(keep)
-    try:
-        with torch.enable_grad():
-            for batch in batches:
-                if "labels" not in batch:
-                    raise UserError("embedding_fisher needs labelled batches (a 'labels' entry)")
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                rows.clear()
-                logits = model(**inputs).logits
-                loss = nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-                (grad,) = torch.autograd.grad(loss, rows[0])
-                mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else \
-                    torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-                ids, grads = inputs["input_ids"][mask], grad[mask].double()
-                fisher.index_add_(0, ids, grads.pow(2).sum(-1))
-                seen.index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
-                directions += grads.T @ grads
-    finally:
-        hook.remove()
-        model.train(was_training)
+    for step in task_loss_gradients(model, batches, "embedding_fisher"):
+        ids, grads = step.ids[step.mask], step.rows[step.mask].double()
+        fisher.index_add_(0, ids, grads.pow(2).sum(-1))
+        seen.index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
+        directions += grads.T @ grads
     return EmbeddingFisher(fisher, seen, directions)
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from ..data.tokenize import EncodedDataset
 from ..errors import UserError
 from ..io import atomic_path, read_json, sha256_json, without_later_defaults, write_json_atomic
+from ..models.gradients import direction_metric, hidden_state_fisher
 from ..models.hf import eager_attention
 from ..progress import console, make_progress
 from ..utils import seed_everything
@@ -77,6 +78,8 @@ class DistillConfig:
     logits_weight: float = 1.0
     task_weight: float = 1.0
     hidden_loss: str = "mse"
+    # hidden_loss "fisher": training examples on which the teacher's task-loss gradients give each metric
+    fisher_examples: int = 1024
     word_dropout: float = 0.0
     # > 0: this share of training examples has words swapped for embedding-space neighbours (train/augment.py),
     # learnt from the teacher's soft labels alone
@@ -120,6 +123,8 @@ class DistillConfig:
                             "batches to sort by length, e.g. 50")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise UserError(f"hidden loss '{self.hidden_loss}': use one of {', '.join(HIDDEN_LOSSES)}")
+        if self.fisher_examples < 1:
+            raise UserError(f"fisher_examples {self.fisher_examples}: must be at least 1, e.g. 1024")
         if self.eval_every_steps < 1 or self.checkpoint_every_steps < 1:
             raise UserError("eval_every_steps and checkpoint_every_steps must be at least 1")
         if self.patience < 0:
@@ -301,11 +306,23 @@ def _lr_factor(progress: float, warmup: float) -> float:
 
 
 # settings added after runs were made, with the value that leaves results as before
-_ADDED_LATER = {"neighbour_swap": 0.0}
+_ADDED_LATER = {"neighbour_swap": 0.0, "fisher_examples": 1024}
 
 
 def _run_id(config: DistillConfig, stages: list[Stage]) -> str:
     return sha256_json([without_later_defaults(asdict(config), _ADDED_LATER), [asdict(s) for s in stages]])[:16]
+
+
+def _hidden_metrics(teacher: nn.Module, train: EncodedDataset, config: DistillConfig) -> list[torch.Tensor]:
+    """The direction metric of each teacher hidden state, from its task-loss gradients on
+    ``config.fisher_examples`` seeded training rows (``hidden_loss="fisher"``)."""
+    started = time.perf_counter()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
+    moments = hidden_state_fisher(teacher, train.select(order[:config.fisher_examples]).batches(config.batch_size))
+    examples = min(config.fisher_examples, len(train))
+    console.print(f"hidden-state metrics from the teacher's task-loss gradients on {examples} training examples "
+                  f"in {time.perf_counter() - started:.0f} s")
+    return [direction_metric(m) for m in moments]
 
 
 def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -359,6 +376,8 @@ def distill(
         with torch.no_grad():
             layer_map = LayerMap.infer(forward_outputs(student, probe, True, False),
                                        forward_outputs(teacher, probe, True, False))
+        if weights.hidden_loss == "fisher":
+            layer_map.measure_in(_hidden_metrics(teacher, data.train, config))
     stages = build_stages(config.schedule, layer_map.student_depth if layer_map else 1, config)
     run_id = _run_id(config, stages)
     done = out / "result.json"

@@ -20,7 +20,8 @@ from torch import nn
 from ..errors import UserError
 from .augment import IGNORE_LABEL
 
-HIDDEN_LOSSES = ("mse", "cosine")
+# fisher: mse measured in the directions the teacher's task loss reads at each hidden state (LayerMap.measure_in)
+HIDDEN_LOSSES = ("mse", "cosine", "fisher")
 
 
 @dataclass
@@ -39,9 +40,14 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per hidden unit over real tokens (TinyBERT eq. 8). Shapes ``(B, L, D)``, mask ``(B, L)``."""
-    return _masked_mean((student - teacher).pow(2).mean(dim=-1), mask)
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+               metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per hidden unit over real tokens (TinyBERT eq. 8). Shapes ``(B, L, D)``, mask ``(B, L)``;
+    ``metric`` ``(D, D)`` measures each token's error as ``||(s - t) M||`` instead of the plain norm."""
+    error = student - teacher
+    if metric is not None:
+        error = error @ metric.to(error.dtype)
+    return _masked_mean(error.pow(2).mean(dim=-1), mask)
 
 
 def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -93,6 +99,7 @@ class LayerMap(nn.Module):
         self.student_depth, self.teacher_depth = student_depth, teacher_depth
         self.student_width, self.teacher_width = student_width, teacher_width
         self.pairs = [(m, teacher_layer(m, student_depth, teacher_depth)) for m in range(student_depth + 1)]
+        self.metrics: list[torch.Tensor] | None = None  # per teacher hidden state; set by measure_in
         self.projections = nn.ModuleList()
         if student_width != teacher_width:
             for _ in self.pairs:
@@ -112,6 +119,23 @@ class LayerMap(nn.Module):
 
     def teacher_index(self, student_layer: int) -> int:
         return self.pairs[student_layer][1]
+
+    def measure_in(self, metrics: list[torch.Tensor]) -> None:
+        """Measure the error at each teacher hidden state (embedding output first) in its ``(width, width)``
+        metric, e.g. :func:`fitformer.models.gradients.direction_metric` of the task loss's gradients there
+        (``hidden_loss="fisher"``); kept out of the state dict, since the teacher gives it again."""
+        if len(metrics) != self.teacher_depth + 1:
+            raise UserError(f"{len(metrics)} hidden-state metrics for a teacher with {self.teacher_depth + 1} "
+                            "hidden states (embedding output first); give one per hidden state")
+        for m in metrics:
+            if tuple(m.shape) != (self.teacher_width, self.teacher_width):
+                raise UserError(f"a hidden-state metric is {tuple(m.shape)}; the teacher's width needs "
+                                f"({self.teacher_width}, {self.teacher_width})")
+        self.metrics = [m.detach().float() for m in metrics]
+
+    def metric(self, student_layer: int) -> torch.Tensor | None:
+        """The metric of the teacher hidden state that ``student_layer`` is matched to (None: plain norm)."""
+        return None if self.metrics is None else self.metrics[self.teacher_index(student_layer)]
 
     def project(self, student_layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The student's hidden state in the teacher's width."""
@@ -146,16 +170,24 @@ def intermediate_loss(
 ) -> dict[str, torch.Tensor]:
     """Embedding-output, hidden-state and attention losses for the student ``layers`` (0 = embedding output);
     each term is averaged over the layers it covers."""
-    hidden_fn = hidden_mse if weights.hidden_loss == "mse" else hidden_cosine
+    if weights.hidden_loss == "fisher" and layer_map.metrics is None:
+        raise UserError("hidden_loss='fisher' needs the teacher's hidden-state metrics; call "
+                        "layer_map.measure_in(...) first (distill does)")
+
+    def hidden_fn(m: int) -> torch.Tensor:
+        student_state = layer_map.project(m, student.hidden_states[m])
+        teacher_state = teacher.hidden_states[layer_map.teacher_index(m)]
+        if weights.hidden_loss == "cosine":
+            return hidden_cosine(student_state, teacher_state, mask)
+        return hidden_mse(student_state, teacher_state, mask,
+                          layer_map.metric(m) if weights.hidden_loss == "fisher" else None)
+
     parts: dict[str, torch.Tensor] = {}
     if 0 in layers and weights.embedding > 0:
-        parts["embedding"] = weights.embedding * hidden_fn(
-            layer_map.project(0, student.hidden_states[0]), teacher.hidden_states[0], mask)
+        parts["embedding"] = weights.embedding * hidden_fn(0)
     deep = [m for m in layers if m > 0]
     if deep and weights.hidden > 0:
-        parts["hidden"] = weights.hidden * torch.stack([
-            hidden_fn(layer_map.project(m, student.hidden_states[m]),
-                      teacher.hidden_states[layer_map.teacher_index(m)], mask) for m in deep]).mean()
+        parts["hidden"] = weights.hidden * torch.stack([hidden_fn(m) for m in deep]).mean()
     if deep and weights.attention > 0:
         parts["attention"] = weights.attention * torch.stack([
             attention_kl(student.attentions[m - 1], teacher.attentions[layer_map.teacher_index(m) - 1], mask)
