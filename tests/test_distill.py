@@ -144,6 +144,9 @@ def test_distillation_with_the_fisher_hidden_loss_measures_each_state_in_the_tea
     result = distill(student, teacher, data, config, tmp_path / "run")
     assert result.steps == 4 and [s["name"] for s in result.stages] == ["intermediate", "logits"]
     assert len(measured) == 1 and len(measured[0]) == teacher.config.num_hidden_layers + 1
+    again = small_student(teacher, layers=1, width=teacher.config.hidden_size, heads=2)
+    assert distill(again, teacher, data, config, tmp_path / "run").steps == 4
+    assert len(measured) == 1  # a finished run returns at once, without another gradient pass
     with pytest.raises(UserError, match="fisher_examples"):
         DistillConfig(fisher_examples=0).validate()
     # the run's identity holds the loss: the same directory refuses to resume it with the plain mse

@@ -75,12 +75,10 @@ def task_loss_gradients(model: nn.Module, batches: Iterable[dict[str, torch.Tens
                 out = model(**inputs, output_hidden_states=hidden_states)
                 loss = nn.functional.cross_entropy(out.logits, batch["labels"], reduction="sum")
                 states = tuple(out.hidden_states) if hidden_states else ()
-                grads = torch.autograd.grad(loss, (rows[0], *states), allow_unused=True)
+                grads = torch.autograd.grad(loss, (rows[0], *states))
             mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else \
                 torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-            yield LossGradients(inputs["input_ids"], mask, grads[0],
-                                tuple(torch.zeros_like(s) if g is None else g for s, g in zip(states, grads[1:],
-                                                                                           strict=True)))
+            yield LossGradients(inputs["input_ids"], mask, grads[0], grads[1:])
     finally:
         hook.remove()
         model.train(was_training)

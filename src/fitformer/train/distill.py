@@ -376,8 +376,6 @@ def distill(
         with torch.no_grad():
             layer_map = LayerMap.infer(forward_outputs(student, probe, True, False),
                                        forward_outputs(teacher, probe, True, False))
-        if weights.hidden_loss == "fisher":
-            layer_map.measure_in(_hidden_metrics(teacher, data.train, config))
     stages = build_stages(config.schedule, layer_map.student_depth if layer_map else 1, config)
     run_id = _run_id(config, stages)
     done = out / "result.json"
@@ -393,6 +391,8 @@ def distill(
             console.print(f"{out / 'best' / 'model.safetensors'} is damaged; distilling again")
             done.unlink()
             shutil.rmtree(out / "last", ignore_errors=True)
+    if layer_map is not None and weights.hidden_loss == "fisher":  # not for a finished run, returned above
+        layer_map.measure_in(_hidden_metrics(teacher, data.train, config))
 
     steps_per_epoch = data.train.num_batches(config.batch_size)
     total_steps = config.max_steps or max(math.ceil(config.epochs * steps_per_epoch), len(stages))

@@ -46,7 +46,7 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
     ``metric`` ``(D, D)`` measures each token's error as ``||(s - t) M||`` instead of the plain norm."""
     error = student - teacher
     if metric is not None:
-        error = error @ metric.to(error.dtype)
+        error = error @ metric.to(error)  # the error's dtype and device
     return _masked_mean(error.pow(2).mean(dim=-1), mask)
 
 
