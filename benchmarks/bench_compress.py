@@ -239,6 +239,9 @@ def main() -> None:
                    "0: rows by token counts, plain metric).")
     p.add_argument("--fisher-weighs", choices=["directions", "rows", "both"], default=None, help="What that Fisher "
                    "information steers, as RunConfig's refit_fisher_weighs (default directions).")
+    p.add_argument("--refit-inputs", choices=["student", "teacher"], default=None, help="What each factorized "
+                   "layer is refit on, as RunConfig's refit_inputs (default student: in order, on the student's "
+                   "inputs).")
     p.add_argument("--schedule", default=None, help="Distillation schedule, as RunConfig's distill_schedule "
                    "(default: the preset's; docs/distillation.md).")
     p.add_argument("--candidates", type=int, default=None, help="Candidates distilled per run (default: preset); "
@@ -287,6 +290,8 @@ def main() -> None:
         overrides["refit_fisher_examples"] = args.fisher_examples
     if args.fisher_weighs is not None:
         overrides["refit_fisher_weighs"] = args.fisher_weighs
+    if args.refit_inputs is not None:
+        overrides["refit_inputs"] = args.refit_inputs
     if args.schedule is not None:
         overrides["distill_schedule"] = args.schedule
     if args.candidates is not None:

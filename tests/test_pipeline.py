@@ -114,6 +114,9 @@ def test_a_setting_added_later_counts_in_the_identity_only_when_set():
     assert "refit_fisher_weighs" not in RunConfig(refit_fisher_weighs="rows").identity()
     assert RunConfig().identity()["refit_fisher_weighs"] == "directions"
     assert "refit_fisher_weighs" not in RunConfig(refit_fisher_examples=0).identity()  # nothing to steer
+    # a run refit on the teacher's inputs before refit_inputs existed resumes as that, not as the new default
+    assert "refit_inputs" not in RunConfig(refit_inputs="teacher").identity()
+    assert RunConfig().identity()["refit_inputs"] == "student"
 
 
 @pytest.mark.parametrize("bad", [["--device", "no-such-device"], ["--max-accuracy-drop", "-1"],

@@ -20,6 +20,7 @@ from fitformer.compress import (
 from fitformer.errors import UserError
 from fitformer.layers import TTLinear
 from fitformer.models import tiny_bert_config
+from fitformer.models.activations import record_layer_inputs
 
 
 def batches(vocab: int, n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -76,6 +77,39 @@ def test_refit_of_a_full_rank_student_stays_exact_and_dense_models_are_left_alon
         refit_factorized(student, teacher, batches(teacher.config.vocab_size, 1), steps=-1)
     with pytest.raises(UserError, match="max_seconds"):
         refit_factorized(student, teacher, batches(teacher.config.vocab_size, 1), max_seconds=0)
+
+
+def test_refit_in_order_fits_each_layer_on_the_students_inputs_to_the_teachers_outputs(teacher):
+    data = batches(teacher.config.vocab_size)
+    plan = tt_plan_for_model(teacher, rank=2, min_features=16, exclude=["classifier"])
+    plan.layers["bert.embeddings.word_embeddings"] = [TTEmbeddingPlan(max_rank=2)]
+    in_order, independent = apply_plan(teacher, plan), apply_plan(teacher, plan)
+    report = refit_factorized(in_order, teacher, data, steps=100, lr=1e-2, embedding_steps=100)
+    refit_factorized(independent, teacher, data, steps=100, lr=1e-2, embedding_steps=100, inputs="teacher")
+    # each layer also corrects the error of the layers before it, so the model ends closer to the teacher
+    assert logits_error(in_order, teacher, data) < logits_error(independent, teacher, data)
+    last = list(report.after)[-1]  # what the last layer was fitted on: the refit student's own inputs
+    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    for who, model in (("student", in_order), ("teacher", teacher)):
+        record_layer_inputs(model, [last], data, lambda _name, rows, who=who: seen[who].append(rows))
+    layer, dense = dict(in_order.named_modules())[last], dict(teacher.named_modules())[last]
+    with torch.no_grad():
+        target = dense(torch.cat(seen["teacher"]))
+        error = (layer(torch.cat(seen["student"])) - target).pow(2).sum() / target.pow(2).sum()
+    assert float(error.sqrt()) == pytest.approx(report.after[last], rel=1e-4)
+    with pytest.raises(UserError, match="inputs='dense'"):
+        refit_factorized(in_order, teacher, data, inputs="dense")
+
+
+def test_a_layer_with_nothing_compressed_before_it_refits_the_same_on_either_inputs(teacher):
+    data = batches(teacher.config.vocab_size)
+    full = tt_plan_for_model(teacher, rank=2, min_features=16, exclude=["classifier"])
+    first = "bert.encoder.layer.0.attention.self.query"
+    plan = CompressionPlan({first: full.layers[first]})
+    a, b = apply_plan(teacher, plan), apply_plan(teacher, plan)
+    assert refit_factorized(a, teacher, data, steps=50, lr=1e-2).after == \
+        refit_factorized(b, teacher, data, steps=50, lr=1e-2, inputs="teacher").after
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
 def test_refit_stops_at_its_time_budget(teacher):

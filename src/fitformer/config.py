@@ -20,7 +20,8 @@ from .io import without_later_defaults
 # settings added after run directories were made, with the value that leaves results as before
 # (refit_fisher_weighs "rows": what refit_fisher_examples > 0 did before the field)
 _ADDED_LATER = {"distill_neighbour_swap": 0.0, "distill_temperature": 1.0, "refit_fisher_examples": 0,
-                "refit_fisher_weighs": "rows", "distill_hidden_loss": "mse"}
+                "refit_fisher_weighs": "rows", "distill_hidden_loss": "mse",
+                "refit_inputs": "teacher"}
 OBJECTIVE_METRICS = {"latency": "latency_ms", "energy": "energy_mj", "edp": "edp_mjs", "size": "size_bytes"}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -113,6 +114,11 @@ class RunConfig(BaseModel):
                                       "(0: every layer weighs the same and is scored on its weights, not its outputs).")
     refit_steps: int = Field(200, ge=0, description="Adam steps fitting each factorized (TT, low-rank) layer "
                              "to the teacher's outputs on calibration tokens before distillation (0: TT-SVD only).")
+    refit_inputs: Literal["student", "teacher"] = Field(
+        "student", description="What each factorized layer is fed while it is refit: 'student' fits the layers "
+        "in order, each on the inputs the student gives it once the layers before it are refit (it also corrects "
+        "the error that reaches it); 'teacher' fits each on the teacher's inputs, independently "
+        "(docs/tensorized.md).")
     refit_fisher_examples: int = Field(1024, ge=0, description="Training examples on which the teacher's "
                                        "gradients steer the refit of a TT word embedding (its Fisher information, "
                                        "docs/tensorized.md); 0: rows weighed by token counts, errors in the plain "

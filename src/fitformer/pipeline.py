@@ -321,7 +321,8 @@ class Pipeline:
         counts = train.token_counts(self.teacher.model.config.vocab_size)
         has_tt_embedding = any(isinstance(m, TTEmbedding) for m in student.modules())
         report = refit_factorized(student, self.teacher.model, calibration, steps=self.config.refit_steps,
-                                  token_counts=counts, seed=self.config.seed, max_seconds=refit_seconds,
+                                  token_counts=counts, inputs=self.config.refit_inputs, seed=self.config.seed,
+                                  max_seconds=refit_seconds,
                                   **(self._embedding_fit(counts) if has_tt_embedding else {}))
         if report.after:
             self.log(report.summary())
