@@ -221,6 +221,7 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
 
     before, after = {}, {}
     was_training = student.training
+    student.train()  # recording the student's inputs puts it back in this mode after each pass
     with torch.enable_grad():
         done = 0
         if embedding_steps:  # first: with inputs="student", every layer after it sees the refit embedding
@@ -239,7 +240,6 @@ def refit_factorized(student: nn.Module, teacher: nn.Module, batches: Iterable[d
                 y = dense[name](x)
             if inputs == "student":  # the same tokens as the teacher's rows: the same batches and sampling seed
                 x = _collect_inputs(student, [name], batches, max_tokens, seed)[0][name]
-            student.train()
             before[name], after[name] = _fit_linear(layer, x, y, steps, lr, batch_tokens, generator, share(done))
             done += 1
     student.train(was_training)
