@@ -26,11 +26,14 @@
   inputs' second moment ``C`` (:func:`input_moments`, real tokens only), an error ``D`` counts as
   ``tr(D C D^T) / tr(W C W^T)``, and factorisations are fitted to ``W C^(1/2)`` (the data-aware fit the
   refit and distillation make; the word embedding's token-count weighting is the same rule for one-hot
-  inputs). Transformer activations are far from isotropic, so on MiniLM this lowers a factorised layer's
-  error several-fold (the first FFN output layer at lopsided TT rank 32: 0.85 on the weights, 0.02 on the
-  outputs) while a dropped layer still loses everything: scored on weights, a 4-bit TT layer at rank 32
-  looked nearly as lost as a dropped one, and the search preferred shallow models that distilled worse
-  than full-depth ones of their size. Milliseconds per candidate once its cache is warm.
+  inputs); a TT whose input splits over several cores cannot absorb ``C^(1/2)``, so its cores are fitted to
+  the outputs by a short Adam run from the TT-SVD (:func:`fit_tt_to_outputs`). Transformer activations are
+  far from isotropic, so on MiniLM this lowers a factorised layer's error several-fold (the first FFN
+  output layer at lopsided TT rank 32: 0.85 on the weights, 0.02 on the outputs) while a dropped layer
+  still loses everything: scored on weights, a 4-bit TT layer at rank 32 looked nearly as lost as a
+  dropped one, and the search preferred shallow models that distilled worse than full-depth ones of their
+  size. Milliseconds per candidate once its cache is warm, but fitting those TT cores takes 0.1-1.7 s per
+  layer, shape and rank on two cores (about 560 fits, some five minutes, in the thorough size search).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ from .cost import spec_to_plan
 from .space import EMBEDDING_NAME, CandidateSpec, EncoderShape, LayerSpec
 
 MOMENT_RIDGE = 0.01  # of the mean eigenvalue, added to each input moment (see input_moments)
+TT_FIT_STEPS = 50  # Adam steps fitting a multi-input-core TT to a layer's outputs (see fit_tt_to_outputs)
+TT_FIT_LR = 0.1  # each core's step size, as a fraction of its root-mean-square entry
 
 
 def _rel_error(delta: torch.Tensor, ref: torch.Tensor, moment: torch.Tensor | None = None) -> float:
@@ -143,6 +148,44 @@ def _rel_tt_error(matrix: torch.Tensor, in_modes: tuple[int, ...], out_modes: tu
                                                   cores, strict=True)]
     rebuilt = merge_cores(rounded).reshape(matrix.shape).to(matrix.dtype)
     return float(((rebuilt - matrix) ** 2).sum() / (matrix**2).sum().clamp_min(1e-30))
+
+
+def _padded(matrix: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> torch.Tensor:
+    """``matrix`` (``in x out``) zero-padded to ``prod(in_modes) x prod(out_modes)``."""
+    out = torch.zeros(math.prod(in_modes), math.prod(out_modes), dtype=matrix.dtype)
+    out[: matrix.shape[0], : matrix.shape[1]] = matrix
+    return out
+
+
+def _tt_weight(cores: Sequence[torch.Tensor], shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """The ``out x in`` weight (``shape``) that TT-matrix ``cores`` stand for, padding cut off."""
+    merged = merge_cores(list(cores))  # (1, prod in_modes, prod out_modes, 1)
+    return merged.reshape(merged.shape[1], merged.shape[2])[: shape[1], : shape[0]].t()
+
+
+def fit_tt_to_outputs(weight: torch.Tensor, in_modes: tuple[int, ...], out_modes: tuple[int, ...], rank: int,
+                      moment: torch.Tensor, steps: int = TT_FIT_STEPS) -> list[torch.Tensor]:
+    """TT-matrix cores of ``weight`` (``out x in``) fitted to its outputs on inputs of second moment
+    ``moment``: the TT-SVD of the weight, then ``steps`` Adam steps on ``tr(D C D^T)`` for the error ``D``
+    (each core's step size a fixed fraction of its own scale, since TT-SVD leaves the whole norm in the last
+    core). Returns the cores (float32) of the lowest error seen, so never worse than the TT-SVD."""
+    cores, _ = tt_svd(_padded(weight.float().t(), in_modes, out_modes), in_modes, out_modes, max_rank=rank)
+    target, moment = weight.float(), moment.float()
+    scale = float(((target @ moment) * target).sum().clamp_min(1e-30))
+    params = [nn.Parameter(c.float().clone()) for c in cores]
+    optimizer = torch.optim.Adam([{"params": [p], "lr": TT_FIT_LR * float(p.detach().pow(2).mean().sqrt())}
+                                  for p in params])
+    best, best_loss = [c.float() for c in cores], float("inf")
+    with torch.enable_grad():
+        for _ in range(steps + 1):
+            delta = _tt_weight(params, weight.shape) - target
+            loss = ((delta @ moment) * delta).sum() / scale
+            if loss.item() < best_loss:
+                best, best_loss = [p.detach().clone() for p in params], loss.item()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return best
 
 
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -344,16 +387,41 @@ class WeightErrorProxy:
         if x.format not in ("lowrank", "tt"):
             return 0.0
         if key not in self._cache:
+            if x.format == "tt" and self._moment(x.name, part.shape[1]) is not None and \
+                    sum(m > 1 for m in x.in_modes) > 1:
+                self._cache[key] = self._fitted_tt_error(x, part)
+                return self._cache[key]
             part = self._whitened(x.name, part)
             if x.format == "lowrank":
                 s = torch.linalg.svdvals(part.double())
                 self._cache[key] = float((s[x.rank:] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
             else:
                 mat = part if x.name.endswith(EMBEDDING_NAME) else part.t()  # in x out
-                padded = torch.zeros(math.prod(x.in_modes), math.prod(x.out_modes), dtype=mat.dtype)
-                padded[: mat.shape[0], : mat.shape[1]] = mat
-                self._cache[key] = _rel_tt_error(padded, x.in_modes, x.out_modes, x.rank, x.bits)
+                self._cache[key] = _rel_tt_error(_padded(mat, x.in_modes, x.out_modes), x.in_modes, x.out_modes,
+                                                 x.rank, x.bits)
         return self._cache[key]
+
+    def _fitted_tt_error(self, x: LayerSpec, part: torch.Tensor) -> float:
+        """Output error of a TT layer whose input splits over several cores, fitted to the task's inputs.
+
+        Why not the TT-SVD of ``W C^(1/2)``: with more than one input core, ``C^(1/2)`` mixes the input modes,
+        so that fit mapped back is no TT of the same ranks, and its error is no error any TT layer has. Scored
+        that way, a balanced 3-core TT of MiniLM at rank 29 lost 0.47 of a query layer's output where a
+        data-aware fit of its cores (what the refit and distillation do) loses 0.16, against 0.19 for the
+        exact low-rank fit at rank 32 (docs/search.md). The cores are fitted once per layer, shape and rank
+        (:func:`fit_tt_to_outputs`) and rounded per bit width."""
+        moment = self._moment(x.name, part.shape[1])
+        key = ("fitted", x.name, tuple(part.shape), x.in_modes, x.out_modes, x.rank)
+        if key not in self._cache:
+            self._cache[key] = fit_tt_to_outputs(part, x.in_modes, x.out_modes, x.rank, moment)
+        cores = self._cache[key]
+        if x.bits < 32:
+            plan = QuantPlan(weight_bits=x.bits)
+            with torch.no_grad():
+                cores = [q(c) for q, c in zip(core_quantizers(cores, x.bits, plan.symmetric, plan.per_channel),
+                                              cores, strict=True)]
+        rebuilt = _tt_weight(cores, part.shape)
+        return _rel_error(rebuilt.double() - part.double(), part, moment)
 
 
 class KDProxy:
