@@ -141,13 +141,20 @@ def _rel_tt_error(matrix: torch.Tensor, in_modes: tuple[int, ...], out_modes: tu
     cores, err = tt_svd(matrix, in_modes, out_modes, max_rank=rank)
     if bits >= 32:
         return err**2
-    plan = QuantPlan(weight_bits=bits)
-    cores = [c.float() for c in cores]
-    with torch.no_grad():
-        rounded = [q(c).double() for q, c in zip(core_quantizers(cores, bits, plan.symmetric, plan.per_channel),
-                                                  cores, strict=True)]
+    rounded = [c.double() for c in _rounded_cores([c.float() for c in cores], bits)]
     rebuilt = merge_cores(rounded).reshape(matrix.shape).to(matrix.dtype)
     return float(((rebuilt - matrix) ** 2).sum() / (matrix**2).sum().clamp_min(1e-30))
+
+
+def _rounded_cores(cores: list[torch.Tensor], bits: int) -> list[torch.Tensor]:
+    """TT ``cores`` rounded to ``bits`` as the quantized TT layer rounds them (per bond channel, MSE-fitted
+    step size); unchanged at 32 bits."""
+    if bits >= 32:
+        return cores
+    plan = QuantPlan(weight_bits=bits)
+    with torch.no_grad():
+        return [q(c) for q, c in zip(core_quantizers(cores, bits, plan.symmetric, plan.per_channel), cores,
+                                     strict=True)]
 
 
 def _padded(matrix: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> torch.Tensor:
@@ -180,8 +187,9 @@ def fit_tt_to_outputs(weight: torch.Tensor, in_modes: tuple[int, ...], out_modes
         for _ in range(steps + 1):
             delta = _tt_weight(params, weight.shape) - target
             loss = ((delta @ moment) * delta).sum() / scale
-            if loss.item() < best_loss:
-                best, best_loss = [p.detach().clone() for p in params], loss.item()
+            value = loss.item()
+            if value < best_loss:
+                best, best_loss = [p.detach().clone() for p in params], value
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -386,20 +394,20 @@ class WeightErrorProxy:
                x.bits if x.format == "tt" else 32)
         if x.format not in ("lowrank", "tt"):
             return 0.0
-        if key not in self._cache:
-            if x.format == "tt" and self._moment(x.name, part.shape[1]) is not None and \
-                    sum(m > 1 for m in x.in_modes) > 1:
-                self._cache[key] = self._fitted_tt_error(x, part)
-                return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        split_input = x.format == "tt" and sum(m > 1 for m in x.in_modes) > 1
+        if split_input and self._moment(x.name, part.shape[1]) is not None:
+            error = self._fitted_tt_error(x, part)
+        elif x.format == "lowrank":
+            s = torch.linalg.svdvals(self._whitened(x.name, part).double())
+            error = float((s[x.rank:] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
+        else:
             part = self._whitened(x.name, part)
-            if x.format == "lowrank":
-                s = torch.linalg.svdvals(part.double())
-                self._cache[key] = float((s[x.rank:] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
-            else:
-                mat = part if x.name.endswith(EMBEDDING_NAME) else part.t()  # in x out
-                self._cache[key] = _rel_tt_error(_padded(mat, x.in_modes, x.out_modes), x.in_modes, x.out_modes,
-                                                 x.rank, x.bits)
-        return self._cache[key]
+            mat = part if x.name.endswith(EMBEDDING_NAME) else part.t()  # in x out
+            error = _rel_tt_error(_padded(mat, x.in_modes, x.out_modes), x.in_modes, x.out_modes, x.rank, x.bits)
+        self._cache[key] = error
+        return error
 
     def _fitted_tt_error(self, x: LayerSpec, part: torch.Tensor) -> float:
         """Output error of a TT layer whose input splits over several cores, fitted to the task's inputs.
@@ -414,13 +422,7 @@ class WeightErrorProxy:
         key = ("fitted", x.name, tuple(part.shape), x.in_modes, x.out_modes, x.rank)
         if key not in self._cache:
             self._cache[key] = fit_tt_to_outputs(part, x.in_modes, x.out_modes, x.rank, moment)
-        cores = self._cache[key]
-        if x.bits < 32:
-            plan = QuantPlan(weight_bits=x.bits)
-            with torch.no_grad():
-                cores = [q(c) for q, c in zip(core_quantizers(cores, x.bits, plan.symmetric, plan.per_channel),
-                                              cores, strict=True)]
-        rebuilt = _tt_weight(cores, part.shape)
+        rebuilt = _tt_weight(_rounded_cores(self._cache[key], x.bits), part.shape)
         return _rel_error(rebuilt.double() - part.double(), part, moment)
 
 
